@@ -1,0 +1,86 @@
+/**
+ * BlockDevice: what the FUSE layer and the CLI see of an open image (Qcow2Image implements it).
+ * Guest offsets and lengths in bytes.
+ */
+export interface BlockDevice {
+  /** Virtual (guest) size in bytes. */
+  readonly virtualSize: number;
+  readonly readOnly: boolean;
+  /** Read `bytes` at `guestOffset`; ranges past the end are an error (ERANGE-coded). */
+  read(guestOffset: number, bytes: number): Promise<Buffer>;
+  /** Write `data` at `guestOffset`. */
+  write(guestOffset: number, data: Uint8Array): Promise<void>;
+  /** Make [guestOffset, +bytes) read as zeros. */
+  writeZeroes(guestOffset: number, bytes: number): Promise<void>;
+  /** Hint that [guestOffset, +bytes) is unused; reads afterwards return zeros (or backing data). */
+  discard(guestOffset: number, bytes: number): Promise<void>;
+  /** Make everything written so far durable. */
+  flush(): Promise<void>;
+  /** Change the virtual size (shrinking frees clusters past the new end). */
+  resize(newVirtualSize: number): Promise<void>;
+  /** Bytes of host storage allocated for this image (for st_blocks / du). */
+  allocatedBytes(): Promise<number>;
+  /** Flush, unlock and close. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** One extent as `qemu-img map --output=json` prints it. */
+export interface MapExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed: boolean;
+  /** Host offset, present only for uncompressed allocated data in the top-level file (qemu's "offset"). */
+  offset?: number;
+}
+
+/** What one host cluster (or run of clusters) of the image file holds, for layout.txt. */
+export interface LayoutEntry {
+  hostOffset: number;
+  bytes: number;
+  kind: 'header' | 'l1' | 'l2' | 'reftable' | 'refblock' | 'snapshot-table' | 'snapshot-l1' | 'data' | 'compressed' | 'free' | 'extension' | 'unknown';
+  /** Guest offset served by this data cluster (or the first guest cluster of a compressed host cluster). */
+  guestOffset?: number;
+  /** Free-form detail (e.g. "3 chunks", "refcount 2"). */
+  note?: string;
+}
+
+/** The result of a consistency check, with qemu-img check's JSON keys. */
+export interface CheckReport {
+  filename: string;
+  format: 'qcow2';
+  'check-errors': number;
+  'corruptions'?: number;
+  'leaks'?: number;
+  'corruptions-fixed'?: number;
+  'leaks-fixed'?: number;
+  'image-end-offset'?: number;
+  'total-clusters'?: number;
+  'allocated-clusters'?: number;
+  'fragmented-clusters'?: number;
+  'compressed-clusters'?: number;
+}
+
+export interface SnapshotSummary {
+  id: string;
+  name: string;
+  virtualSize: number;
+}
+
+/** A block device that can also describe itself (what the mount's inspection files show). */
+export interface InspectableDevice extends BlockDevice {
+  /** The same object `qemu-img info --output=json` prints. */
+  infoJson(): Promise<Record<string, unknown>>;
+  /** Extents as `qemu-img map --output=json`, in guest order, streamed. */
+  mapExtents(): AsyncIterable<MapExtent>;
+  /** Every host cluster of the image file, in host order, streamed. */
+  layout(): AsyncIterable<LayoutEntry>;
+  /** Run a read-only consistency check on the live image. */
+  check(): Promise<CheckReport>;
+  listSnapshots(): SnapshotSummary[];
+  /** A read-only view of an internal snapshot's guest contents. */
+  openSnapshot(name: string): Promise<BlockDevice>;
+}
