@@ -29,6 +29,8 @@ export interface HostFileOpenOptions {
    * read locks sharing every permission (like `qemu-img -U`). Default true.
    */
   lock?: boolean;
+  /** Create the file when it does not exist (mode 0644 before umask); never truncates. Ignored when readOnly. */
+  create?: boolean;
 }
 
 export interface HostFile {

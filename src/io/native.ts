@@ -1,0 +1,176 @@
+/**
+ * Typed wrapper of the native addon (native/addon.c): the only module that loads it.
+ *
+ * Every offset and length is a byte count carried as a safe integer (the addon rejects anything
+ * else with a RangeError). Syscall failures reject/throw an Error with `code` = errno name
+ * ('EOPNOTSUPP', 'EAGAIN' …), `errno` = negated errno (Node's convention) and `syscall`.
+ * Buffers handed to an asynchronous call (compress, decompress) must not be modified until the
+ * promise settles: the work runs on the libuv threadpool directly on their memory.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export type CompressionType = 'zlib' | 'zstd';
+export type OfdLockType = 'read' | 'write';
+
+/** A lock that would block the request, as F_OFD_GETLK reports it (pid is -1 for OFD locks). */
+export interface OfdLockInfo {
+  type: OfdLockType;
+  start: number;
+  len: number;
+  pid: number;
+}
+
+/** O_DIRECT constraints of an open file: buffer address alignment and file offset/length alignment. */
+export interface DioAlignment {
+  memAlign: number;
+  offsetAlign: number;
+  /** 'statx' when the kernel reported it (STATX_DIOALIGN), 'fallback' (4096/4096) otherwise. */
+  source: 'statx' | 'fallback';
+}
+
+/** The Error shape of a failed syscall in the addon. */
+export interface NativeErrnoError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+interface NativeAddon {
+  alignedBuffer(bytes: number, alignment: number): Buffer;
+  bufferAddressAlignment(view: ArrayBufferView): number;
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  fadvise(fd: number, offset: number, length: number, advice: number): Promise<void>;
+  ofdSetLock(fd: number, type: OfdLockType | 'unlock', start: number, len: number): void;
+  ofdGetLock(fd: number, type: OfdLockType, start: number, len: number): OfdLockInfo | null;
+  dioAlignment(fd: number): DioAlignment;
+  compress(type: CompressionType, src: ArrayBufferView, maxOutBytes: number): Promise<Buffer | null>;
+  decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void>;
+  FALLOC: { DEFAULT: number; KEEP_SIZE: number; PUNCH_HOLE: number; ZERO_RANGE: number };
+  FADVISE: { NORMAL: number; RANDOM: number; SEQUENTIAL: number; WILLNEED: number; DONTNEED: number; NOREUSE: number };
+}
+
+const ADDON_FILE = 'qcow2fuse_native.node';
+
+/**
+ * The package root: the nearest ancestor of this module's directory holding the qcow2fuse
+ * package.json (works from src/io/ under vitest and from dist/src/io/ when compiled).
+ */
+function findPackageRoot(startDir: string): string {
+  let dir = startDir;
+  for (;;) {
+    const manifest = join(dir, 'package.json');
+    if (existsSync(manifest)) {
+      const parsed = JSON.parse(readFileSync(manifest, 'utf8')) as { name?: unknown };
+      if (parsed.name === 'qcow2fuse') {
+        return dir;
+      }
+    }
+    const parent = dirname(dir);
+    if (parent === dir) {
+      throw new Error(`qcow2fuse: cannot find the package root above ${startDir}`);
+    }
+    dir = parent;
+  }
+}
+
+function loadAddon(): NativeAddon {
+  const root = findPackageRoot(dirname(fileURLToPath(import.meta.url)));
+  const candidates = ['Release', 'Debug'].map((kind) => join(root, 'native', 'build', kind, ADDON_FILE));
+  const found = candidates.find((path) => existsSync(path));
+  if (found === undefined) {
+    throw new Error(`qcow2fuse: native addon not built (looked for ${candidates.join(', ')}); ` +
+      'run `npm run install` (node-gyp rebuild --directory native)');
+  }
+  const require = createRequire(import.meta.url);
+  return require(found) as NativeAddon;
+}
+
+const addon: NativeAddon = loadAddon();
+
+/** fallocate(2) modes. */
+export const FALLOC = Object.freeze({
+  DEFAULT: addon.FALLOC.DEFAULT,
+  KEEP_SIZE: addon.FALLOC.KEEP_SIZE,
+  ZERO_RANGE: addon.FALLOC.ZERO_RANGE,
+  ZERO_RANGE_KEEP_SIZE: addon.FALLOC.ZERO_RANGE + addon.FALLOC.KEEP_SIZE,
+  PUNCH_HOLE_KEEP_SIZE: addon.FALLOC.PUNCH_HOLE + addon.FALLOC.KEEP_SIZE,
+});
+
+/** posix_fadvise(2) advice values. */
+export const FADVISE = Object.freeze({ ...addon.FADVISE });
+
+/** A zero-filled Buffer of `bytes` whose memory starts at a multiple of `alignment` (a power of two). */
+export function alignedBuffer(bytes: number, alignment: number): Buffer {
+  return addon.alignedBuffer(bytes, alignment);
+}
+
+/** Largest power of two (at most 2^30) that divides the address of the view's first byte. */
+export function bufferAddressAlignment(view: ArrayBufferView): number {
+  return addon.bufferAddressAlignment(view);
+}
+
+/** fallocate(2) on the threadpool; `mode` is one of FALLOC. */
+export function fallocate(fd: number, mode: number, offset: number, length: number): Promise<void> {
+  return addon.fallocate(fd, mode, offset, length);
+}
+
+/** posix_fadvise(2) on the threadpool; `advice` is one of FADVISE. length 0 = to the end of file. */
+export function fadvise(fd: number, offset: number, length: number, advice: number): Promise<void> {
+  return addon.fadvise(fd, offset, length, advice);
+}
+
+/**
+ * Take ('read'/'write') or release ('unlock') an OFD byte-range lock without waiting
+ * (F_OFD_SETLK). Throws a NativeErrnoError with code EAGAIN (or EACCES) on conflict.
+ */
+export function ofdSetLock(fd: number, type: OfdLockType | 'unlock', start: number, len: number): void {
+  addon.ofdSetLock(fd, type, start, len);
+}
+
+/**
+ * F_OFD_GETLK: the lock held through another open file description that would conflict with
+ * taking `type` on [start, start+len), or null when none would.
+ */
+export function ofdGetLock(fd: number, type: OfdLockType, start: number, len: number): OfdLockInfo | null {
+  return addon.ofdGetLock(fd, type, start, len);
+}
+
+/** O_DIRECT alignment of the open file (statx STATX_DIOALIGN, else 4096/4096). */
+export function dioAlignment(fd: number): DioAlignment {
+  return addon.dioAlignment(fd);
+}
+
+/**
+ * Compress `src` as QEMU's qcow2 does (zlib: raw deflate, 12-bit window, memLevel 9, default
+ * level; zstd: one ZSTD_e_end stream at default level). Resolves null when the result would not
+ * fit in `maxOutBytes`.
+ */
+export function compress(type: CompressionType, src: ArrayBufferView, maxOutBytes: number): Promise<Buffer | null> {
+  return addon.compress(type, src, maxOutBytes);
+}
+
+/**
+ * Decompress `src` into all of `dst` as QEMU's qcow2 does; bytes after the stream are ignored.
+ * Rejects with code 'EBADCOMPRESSED' when the data cannot produce exactly dst.byteLength bytes.
+ */
+export function decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void> {
+  return addon.decompress(type, src, dst);
+}
+
+/** True for an Error raised by a failed syscall in the addon (or Node's fs, which has the same shape). */
+export function isErrnoError(error: unknown): error is NativeErrnoError {
+  return error instanceof Error && typeof (error as Partial<NativeErrnoError>).code === 'string' &&
+    typeof (error as Partial<NativeErrnoError>).errno === 'number';
+}
+
+/** The string `code` of an Error (errno name for syscall failures), or undefined. */
+export function errorCodeOf(error: unknown): string | undefined {
+  if (error instanceof Error) {
+    const code: unknown = (error as { code?: unknown }).code;
+    return typeof code === 'string' ? code : undefined;
+  }
+  return undefined;
+}
