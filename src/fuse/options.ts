@@ -1,0 +1,173 @@
+/**
+ * `qcow2fuse mount -o OPTS`: parsing, validation, and what each option turns into — the options the
+ * image is opened with and the libfuse mount options.
+ *
+ *   ro                      read-only: the image is opened read-only, the mount is MS_RDONLY
+ *   compress                store every full guest cluster written compressed (the driver's job)
+ *   nogrow                  pin the virtual size: truncate → EPERM, writes wholly past the end → EFBIG
+ *   direct_io | kernel_cache  how the kernel caches the mounted files (default: direct_io with compress,
+ *                           else libfuse's default: cached while open, dropped on open)
+ *   cache=writeback|none|writethrough   host I/O mode of the image file (none = O_DIRECT)
+ *   l2-cache-size=SIZE, refcount-cache-size=SIZE   table cache sizes (K/M/G/T suffixes, powers of 1024)
+ *   allow_other             let other users access the mount (checked against the file modes)
+ *   name=NAME               the raw file's name (default disk.raw)
+ *   attr_timeout=SECONDS, entry_timeout=SECONDS   kernel attribute/lookup cache (default 0 / 1)
+ *
+ * The attribute timeout defaults to 0 because the inspection files change size every time they are
+ * generated (on open), and the kernel must see the new size before it reads.
+ */
+import { fsError } from './errno.js';
+
+export type HostCacheMode = 'writeback' | 'none' | 'writethrough';
+/** How the kernel page cache treats the mounted files (libfuse 2 options of the same names). */
+export type KernelCacheMode = 'direct_io' | 'kernel_cache' | 'default';
+
+export interface MountOptions {
+  readOnly: boolean;
+  compress: boolean;
+  nogrow: boolean;
+  kernelCache: KernelCacheMode;
+  /** Host I/O mode; undefined leaves the driver's default. */
+  hostCache?: HostCacheMode;
+  l2CacheBytes?: number;
+  refcountCacheBytes?: number;
+  allowOther: boolean;
+  /** Name of the raw file in the mount's root. */
+  name: string;
+  /** Seconds the kernel may cache attributes (st_size, st_blocks …). */
+  attrTimeout: number;
+  /** Seconds the kernel may cache name lookups. */
+  entryTimeout: number;
+}
+
+/** What the image is opened with (Qcow2Image.open's options). */
+export interface DeviceOpenOptions {
+  readOnly: boolean;
+  cache?: HostCacheMode;
+  l2CacheBytes?: number;
+  refcountCacheBytes?: number;
+  compress?: boolean;
+}
+
+export const DEFAULT_RAW_NAME = 'disk.raw';
+/** Names the mount's root uses besides the raw file (the raw file may not take one of them). */
+export const RESERVED_NAMES: readonly string[] = ['info.json', 'map.json', 'layout.txt', 'check.json', 'snapshots'];
+/** libfuse 2's largest write request; without big_writes the kernel sends 4 KiB writes (DESIGN §3). */
+export const MAX_WRITE_BYTES = 131072;
+/** fuse-native passes the whole option string in a 1024-byte buffer. */
+const MAX_OPTION_STRING = 1000;
+
+const SIZE_UNITS: Readonly<Record<string, number>> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+
+function invalid(message: string): Error {
+  return fsError('EINVAL', message);
+}
+
+/** Parse a byte count with an optional K/M/G/T suffix (powers of 1024; a trailing B or iB is allowed). */
+export function parseSize(text: string): number {
+  const match = /^(\d+)([KMGT]?)(?:i?B)?$/i.exec(text.trim());
+  if (match === null) throw invalid(`invalid size '${text}' (expected a number with an optional K, M, G or T suffix)`);
+  const bytes = Number(match[1]) * (SIZE_UNITS[(match[2] ?? '').toUpperCase()] as number);
+  if (!Number.isSafeInteger(bytes)) throw invalid(`size '${text}' is too large`);
+  return bytes;
+}
+
+function parseSeconds(key: string, text: string): number {
+  const seconds = Number(text);
+  if (text.trim() === '' || !Number.isFinite(seconds) || seconds < 0) throw invalid(`invalid ${key} '${text}' (expected seconds ≥ 0)`);
+  return seconds;
+}
+
+/** Throws unless `name` can be the raw file's name in the mount's root. */
+export function validateRawName(name: string): string {
+  if (name === '' || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
+    throw invalid(`invalid name '${name}' (a single file name is required)`);
+  }
+  if (RESERVED_NAMES.includes(name)) throw invalid(`name '${name}' is taken by an inspection file`);
+  return name;
+}
+
+/**
+ * Parse the `-o` arguments (each a comma-separated list; later ones override earlier ones).
+ * Throws an EINVAL-coded error naming the offending option.
+ */
+export function parseMountOptions(specs: readonly string[]): MountOptions {
+  const options: MountOptions = {
+    readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false,
+    name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1,
+  };
+  let directIo = false;
+  let kernelCache = false;
+  for (const spec of specs) {
+    for (const item of spec.split(',')) {
+      if (item === '') continue;
+      const eq = item.indexOf('=');
+      const key = eq < 0 ? item : item.slice(0, eq);
+      const value = eq < 0 ? undefined : item.slice(eq + 1);
+      const flag = (): true => {
+        if (value !== undefined) throw invalid(`mount option '${key}' takes no value`);
+        return true;
+      };
+      const required = (): string => {
+        if (value === undefined || value === '') throw invalid(`mount option '${key}' needs a value (${key}=…)`);
+        return value;
+      };
+      switch (key) {
+        case 'ro': options.readOnly = flag(); break;
+        case 'rw': options.readOnly = !flag(); break;
+        case 'compress': options.compress = flag(); break;
+        case 'nogrow': options.nogrow = flag(); break;
+        case 'direct_io': directIo = flag(); break;
+        case 'kernel_cache': kernelCache = flag(); break;
+        case 'allow_other': options.allowOther = flag(); break;
+        case 'cache': {
+          const mode = required();
+          if (mode !== 'writeback' && mode !== 'none' && mode !== 'writethrough') {
+            throw invalid(`invalid cache mode '${mode}' (expected writeback, none or writethrough)`);
+          }
+          options.hostCache = mode;
+          break;
+        }
+        case 'l2-cache-size': options.l2CacheBytes = parseSize(required()); break;
+        case 'refcount-cache-size': options.refcountCacheBytes = parseSize(required()); break;
+        case 'name': options.name = validateRawName(required()); break;
+        case 'attr_timeout': options.attrTimeout = parseSeconds(key, required()); break;
+        case 'entry_timeout': options.entryTimeout = parseSeconds(key, required()); break;
+        default: throw invalid(`unknown mount option '${key}'`);
+      }
+    }
+  }
+  if (directIo && kernelCache) throw invalid('mount options direct_io and kernel_cache exclude each other');
+  options.kernelCache = directIo ? 'direct_io' : kernelCache ? 'kernel_cache' : options.compress ? 'direct_io' : 'default';
+  return options;
+}
+
+/** The options the image is opened with for a mount with `options`. */
+export function deviceOpenOptions(options: MountOptions): DeviceOpenOptions {
+  const open: DeviceOpenOptions = { readOnly: options.readOnly };
+  if (options.hostCache !== undefined) open.cache = options.hostCache;
+  if (options.l2CacheBytes !== undefined) open.l2CacheBytes = options.l2CacheBytes;
+  if (options.refcountCacheBytes !== undefined) open.refcountCacheBytes = options.refcountCacheBytes;
+  if (options.compress) open.compress = true;
+  return open;
+}
+
+/** Escape a value for libfuse's option parser (commas separate options; backslash escapes). */
+function escapeOptionValue(value: string): string {
+  return value.replace(/[\\,]/g, (c) => `\\${c}`);
+}
+
+/**
+ * The libfuse 2 mount options for `options`: big_writes and max_write always (DESIGN §3), the kernel
+ * checks file modes (default_permissions), the mount shows as type fuse.qcow2fuse with the image path
+ * as its source (dropped when it would overflow fuse-native's option buffer).
+ */
+export function libfuseOptions(options: MountOptions, imagePath: string): string[] {
+  const list = ['big_writes', `max_write=${MAX_WRITE_BYTES}`, 'default_permissions', 'subtype=qcow2fuse',
+    `attr_timeout=${options.attrTimeout}`, `entry_timeout=${options.entryTimeout}`];
+  if (options.readOnly) list.push('ro');
+  if (options.allowOther) list.push('allow_other');
+  if (options.kernelCache !== 'default') list.push(options.kernelCache);
+  const fsname = `fsname=${escapeOptionValue(imagePath)}`;
+  return list.join(',').length + fsname.length + 1 <= MAX_OPTION_STRING ? [...list, fsname] : [...list, 'fsname=qcow2fuse'];
+}
