@@ -302,14 +302,6 @@ export function encodeHeader(header: Qcow2Header, image: string): { bytes: Buffe
   if (h.version === 3) {
     if (h.backingFormat !== undefined) pushExtension(parts, EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, 'utf8'));
     if (h.dataFile !== undefined) pushExtension(parts, EXT_DATA_FILE, Buffer.from(h.dataFile, 'utf8'));
-    if (h.bitmaps) {
-      const d = Buffer.alloc(24);
-      d.writeUInt32BE(h.bitmaps.nbBitmaps, 0);
-      writeU64(d, 8, h.bitmaps.directoryBytes);
-      writeU64(d, 16, h.bitmaps.directoryOffset);
-      pushExtension(parts, EXT_BITMAPS, d);
-    }
-    for (const ext of h.unknownExtensions) pushExtension(parts, ext.type, ext.data);
     if (h.featureNames.length > 0) {
       const table = Buffer.alloc(48 * h.featureNames.length);
       h.featureNames.forEach((f, i) => {
@@ -319,22 +311,25 @@ export function encodeHeader(header: Qcow2Header, image: string): { bytes: Buffe
       });
       pushExtension(parts, EXT_FEATURE_TABLE, table);
     }
+    if (h.bitmaps) {
+      const d = Buffer.alloc(24);
+      d.writeUInt32BE(h.bitmaps.nbBitmaps, 0);
+      writeU64(d, 8, h.bitmaps.directoryBytes);
+      writeU64(d, 16, h.bitmaps.directoryOffset);
+      pushExtension(parts, EXT_BITMAPS, d);
+    }
+    for (const ext of h.unknownExtensions) pushExtension(parts, ext.type, ext.data);
   } else if (h.backingFormat !== undefined) {
     pushExtension(parts, EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, 'utf8'));
   }
   pushExtension(parts, EXT_END, Buffer.alloc(0));
-  let bytes = Buffer.concat(parts);
-  if (h.backingFile !== undefined) {
-    const name = Buffer.from(h.backingFile, 'utf8');
-    h.backingFileOffset = bytes.length;
-    h.backingFileBytes = name.length;
-    bytes = Buffer.concat([bytes, name]);
-  } else {
-    h.backingFileOffset = 0;
-    h.backingFileBytes = 0;
-  }
-  if (bytes.length > clusterSize) {
-    throw new Qcow2FormatError('EBADHEADER', `header and extensions (${bytes.length} bytes) do not fit in one cluster`, { image, structure: 'header' });
+  const name = h.backingFile !== undefined ? Buffer.from(h.backingFile, 'utf8') : undefined;
+  const extensionsEnd = parts.reduce((n, p) => n + p.length, 0);
+  h.backingFileOffset = name ? extensionsEnd : 0;
+  h.backingFileBytes = name ? name.length : 0;
+  if (name) parts.push(name);
+  if (extensionsEnd + h.backingFileBytes > clusterSize) {
+    throw new Qcow2FormatError('EBADHEADER', `header and extensions (${extensionsEnd + h.backingFileBytes} bytes) do not fit in one cluster`, { image, structure: 'header' });
   }
   fixed.writeUInt32BE(QCOW2_MAGIC, 0);
   fixed.writeUInt32BE(h.version, 4);
@@ -357,7 +352,7 @@ export function encodeHeader(header: Qcow2Header, image: string): { bytes: Buffe
     fixed.writeUInt32BE(h.headerLength, 100);
     fixed.writeUInt8(h.compressionType, 104);
   }
-  return { bytes, header: h };
+  return { bytes: Buffer.concat(parts), header: h };
 }
 
 /** Feature names QEMU writes into new images (so tools can name bits they do not know). */
