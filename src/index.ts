@@ -1,0 +1,15 @@
+/**
+ * qcow2fuse library API: open, create and check qcow2 images; the FUSE mount lives in src/fuse.
+ */
+export { Qcow2Image, type Qcow2OpenOptions, type CacheMode } from './qcow2/image.js';
+export type { BlockDevice, InspectableDevice, MapExtent, LayoutEntry, CheckReport, SnapshotSummary } from './qcow2/block-device.js';
+export { CodedError } from './io/errors.js';
+export { Qcow2CorruptError, Qcow2FormatError, Qcow2UnsupportedError, Qcow2ReadOnlyError, Qcow2RangeError } from './qcow2/errors.js';
+export type { HostFile, HostFileOpenOptions } from './io/host-file.js';
+
+import { Qcow2Image, type Qcow2OpenOptions } from './qcow2/image.js';
+
+/** Open a qcow2 image (read-only unless `readOnly: false`). */
+export function openImage(path: string, options: Partial<Qcow2OpenOptions> = {}): Promise<Qcow2Image> {
+  return Qcow2Image.open(path, { readOnly: true, ...options });
+}
