@@ -176,6 +176,19 @@ export async function qemuImgCheck(path: string, repair?: 'leaks' | 'all'): Prom
   return { code: result.code, stderr: result.stderr, ...(text.startsWith('{') ? { report: JSON.parse(text) as QemuImgCheckReport } : {}) };
 }
 
+/**
+ * The "everything we write ends clean" assertion: `qemu-img check` must exit 0 (no corruptions,
+ * no leaks, no check errors). Returns the report; otherwise throws with qemu's findings.
+ */
+export async function qemuImgCheckClean(path: string): Promise<QemuImgCheckReport> {
+  const result = await qemuImgCheck(path);
+  if (result.code !== 0 || result.report === undefined) {
+    const findings = result.report === undefined ? result.stderr.trim() : JSON.stringify(result.report);
+    throw new Error(`qemu-img check ${path} exited ${result.code} (2 corruptions, 3 leaks): ${findings}`);
+  }
+  return result.report;
+}
+
 export interface CompareOptions {
   formatA?: string;
   formatB?: string;

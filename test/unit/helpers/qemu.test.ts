@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { sha256File } from '../../helpers/files.js';
 import { patternBuffer } from '../../helpers/patterns.js';
 import {
-  QemuError, qemuImg, qemuImgCheck, qemuImgCompare, qemuImgConvertToRaw, qemuImgCreate, qemuImgInfo, qemuImgMap, qemuIo, qemuIoOk,
+  QemuError, qemuImg, qemuImgCheck, qemuImgCheckClean, qemuImgCompare, qemuImgConvertToRaw, qemuImgCreate, qemuImgInfo, qemuImgMap, qemuIo, qemuIoOk,
 } from '../../helpers/qemu.js';
 import { tempDir } from '../../helpers/tmp.js';
 import { requireTools } from '../../helpers/tools.js';
@@ -63,6 +63,7 @@ describe.skipIf(!hasQemu)('qemu wrappers (real qemu-img / qemu-io)', () => {
     const clean = await qemuImgCheck(img);
     expect(clean.code).toBe(0);
     expect(clean.report).toMatchObject({ 'check-errors': 0, format: 'qcow2', 'allocated-clusters': 2 });
+    expect(await qemuImgCheckClean(img)).toEqual(clean.report);
 
     // Clear L2 entry 1: its data cluster keeps refcount 1 with no reference, i.e. leaks.
     const l2EntryOffset = async (index: number) => {
@@ -88,6 +89,7 @@ describe.skipIf(!hasQemu)('qemu wrappers (real qemu-img / qemu-io)', () => {
     const leaked = await qemuImgCheck(img);
     expect(leaked.code).toBe(3);
     expect(leaked.report).toMatchObject({ leaks: 1, 'check-errors': 0 });
+    await expect(qemuImgCheckClean(img)).rejects.toThrow(/exited 3 .*"leaks":1/);
     const repaired = await qemuImgCheck(img, 'leaks');
     expect(repaired.code).toBe(0);
     expect(repaired.report).toMatchObject({ 'leaks-fixed': 1 });
