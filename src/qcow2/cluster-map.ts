@@ -278,7 +278,7 @@ export class ClusterMap {
     const buf = Buffer.alloc(nbClusters * g.clusterSize);
     this.l1.buf.copy(buf, 0, 0, this.l1.entries * 8);
     await this.ctx.refcountCache.flush();
-    await this.ctx.file.pwrite(buf, newOffset, 'l1');
+    await this.ctx.file.pwrite(buf.subarray(0, bytes), newOffset, 'l1');
     await this.ctx.file.fdatasync();
     const oldOffset = this.l1.offset;
     const oldBytes = this.l1.entries * 8;
