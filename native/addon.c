@@ -15,7 +15,9 @@
  * Conventions: every 64-bit quantity crosses into JS as a double that must be a safe integer
  * (0 <= v <= 2^53-1); anything else is a RangeError. Syscall failures become an Error whose `code`
  * is the errno name ('EOPNOTSUPP', 'EAGAIN' ...), `errno` the negated errno (as Node's fs does) and
- * `syscall` the call. The codecs replicate QEMU's block/qcow2-threads.c exactly (see each function).
+ * `syscall` the call. The codecs replicate QEMU's block/qcow2-threads.c exactly (see each function)
+ * and are linked statically with local symbols (binding.gyp), so Node's bundled zlib cannot
+ * interpose: a cluster compresses to the same bytes qemu-img writes.
  */
 #include <node_api.h>
 

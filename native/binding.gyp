@@ -1,3 +1,7 @@
+# qcow2fuse native addon. zlib and zstd are linked statically from the system's static libraries
+# (zlib1g-dev, libzstd-dev) with their symbols kept local: Node exports its own bundled zlib (a
+# Chromium fork whose deflate output differs), which would otherwise interpose on ours. Linked this
+# way our codecs are the very library build qemu-img uses, so compressed clusters match QEMU's bytes.
 {
   "targets": [
     {
@@ -5,7 +9,10 @@
       "sources": ["addon.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"],
       "defines": ["_GNU_SOURCE", "NAPI_VERSION=8"],
-      "libraries": ["-lz", "-lzstd"]
+      "libraries": [
+        "-Wl,--exclude-libs,ALL",
+        "-Wl,-Bstatic", "-lz", "-lzstd", "-Wl,-Bdynamic"
+      ]
     }
   ]
 }

@@ -102,7 +102,11 @@ export const FALLOC = Object.freeze({
 /** posix_fadvise(2) advice values. */
 export const FADVISE = Object.freeze({ ...addon.FADVISE });
 
-/** A zero-filled Buffer of `bytes` whose memory starts at a multiple of `alignment` (a power of two). */
+/**
+ * A zero-filled Buffer of `bytes` whose memory starts at a multiple of `alignment` (a power of two).
+ * The memory is freed by a finalizer after the Buffer is collected; Node runs finalizers from the
+ * event loop, so code allocating many in a loop must yield (or reuse buffers, see AlignedBufferPool).
+ */
 export function alignedBuffer(bytes: number, alignment: number): Buffer {
   return addon.alignedBuffer(bytes, alignment);
 }
