@@ -125,13 +125,59 @@ function remedy(readOnly: boolean): string {
   return readOnly ? 'stop that process or open it there with shared permissions' : 'open read-only or stop that process';
 }
 
+/** A conflict found by QEMU's checks: the permission in dispute and which check found it. */
+interface QemuConflict {
+  bit: number;
+  lockByte: number;
+  /** 'unshared': another opener refuses to share a permission we need; 'held': it holds one we do not share. */
+  kind: 'unshared' | 'held';
+}
+
+/** QEMU's raw_check_lock_bytes, in its order: needed-but-unshared first, then held-but-not-shared. */
+function findQemuConflict(fd: number, permissions: QemuPermissions): QemuConflict | undefined {
+  for (let bit = 0; bit < QEMU_PERM_COUNT; bit++) {
+    const lockByte = QEMU_LOCK_SHARED_BASE + bit;
+    if (hasBit(permissions.perm, bit) && ofdGetLock(fd, 'write', lockByte, 1) !== null) {
+      return { bit, lockByte, kind: 'unshared' };
+    }
+  }
+  for (let bit = 0; bit < QEMU_PERM_COUNT; bit++) {
+    const lockByte = QEMU_LOCK_PERM_BASE + bit;
+    if (!hasBit(permissions.sharedPerm, bit) && ofdGetLock(fd, 'write', lockByte, 1) !== null) {
+      return { bit, lockByte, kind: 'held' };
+    }
+  }
+  return undefined;
+}
+
+/**
+ * The LockError for a conflict. When the other process holds the write permission (a writer such
+ * as a running VM or qemu-io) that is what the message names, whichever check tripped first.
+ */
+function conflictError(fd: number, path: string, permissions: QemuPermissions, conflict: QemuConflict): LockError {
+  const readOnly = !hasBit(permissions.perm, 1);
+  const name = permName(conflict.bit);
+  const qemuMessage = conflict.kind === 'unshared' ? `Failed to get "${name}" lock` : `Failed to get shared "${name}" lock`;
+  const others = queryQemuLocks(fd);
+  const details = { lockByte: conflict.lockByte, permission: name, qemuMessage, otherHolders: others };
+  if (others.held.includes('write') && !hasBit(permissions.sharedPerm, 1)) {
+    return new LockError(path, `image is in use by another process (QEMU lock on 'write' permission held); ${remedy(readOnly)}`,
+      { ...details, permission: 'write' });
+  }
+  if (conflict.kind === 'held') {
+    return new LockError(path, `image is in use by another process (QEMU lock on '${name}' permission held); ${remedy(readOnly)}`,
+      details);
+  }
+  return new LockError(path, `image is in use by another process that does not share the '${name}' permission ` +
+    `(QEMU: ${qemuMessage}); ${remedy(readOnly)}`, details);
+}
+
 /**
  * Take QEMU's lock bytes for `permissions` on `fd`, then check for conflicts exactly as QEMU does.
  * On conflict every byte taken is released and a LockError names the permission in dispute; any
  * other failure (filesystem without OFD locks …) is a HostIoError.
  */
 export function applyQemuLocks(fd: number, path: string, permissions: QemuPermissions): void {
-  const readOnly = !hasBit(permissions.perm, 1);
   try {
     for (const byte of qemuLockBytes(permissions)) {
       try {
@@ -139,26 +185,14 @@ export function applyQemuLocks(fd: number, path: string, permissions: QemuPermis
       } catch (error) {
         if (isLockConflict(error)) {
           throw new LockError(path, `image is in use by another process (it holds a write lock on QEMU lock byte ${byte}); ` +
-            remedy(readOnly), { lockByte: byte });
+            remedy(!hasBit(permissions.perm, 1)), { lockByte: byte });
         }
         throw error;
       }
     }
-    for (let bit = 0; bit < QEMU_PERM_COUNT; bit++) {
-      const byte = QEMU_LOCK_SHARED_BASE + bit;
-      if (hasBit(permissions.perm, bit) && ofdGetLock(fd, 'write', byte, 1) !== null) {
-        const name = permName(bit);
-        throw new LockError(path, `image is in use by another process that does not share the '${name}' permission ` +
-          `(QEMU: Failed to get "${name}" lock); ${remedy(readOnly)}`, { lockByte: byte, permission: name });
-      }
-    }
-    for (let bit = 0; bit < QEMU_PERM_COUNT; bit++) {
-      const byte = QEMU_LOCK_PERM_BASE + bit;
-      if (!hasBit(permissions.sharedPerm, bit) && ofdGetLock(fd, 'write', byte, 1) !== null) {
-        const name = permName(bit);
-        throw new LockError(path, `image is in use by another process (QEMU lock on '${name}' permission held); ` +
-          remedy(readOnly), { lockByte: byte, permission: name });
-      }
+    const conflict = findQemuConflict(fd, permissions);
+    if (conflict !== undefined) {
+      throw conflictError(fd, path, permissions, conflict);
     }
     debug('qemu locks taken on %s: bytes %o', path, qemuLockBytes(permissions));
   } catch (error) {
@@ -170,7 +204,8 @@ export function applyQemuLocks(fd: number, path: string, permissions: QemuPermis
     if (error instanceof LockError) {
       throw error;
     }
-    throw new HostIoError(errorCodeOf(error) ?? 'EIO', path, 'lock (QEMU OFD lock bytes)', undefined, error instanceof Error ? error.message : String(error));
+    throw new HostIoError(errorCodeOf(error) ?? 'EIO', path, 'lock (QEMU OFD lock bytes)', undefined,
+      error instanceof Error ? error.message : String(error));
   }
 }
 
