@@ -121,14 +121,20 @@ class NodeHostFile implements HostFile {
   private readonly ranges = new ByteRangeLock();
   private readonly locked: boolean;
   private closed = false;
+  /**
+   * Direct mode: the file size as this handle last established it (fstat at open, then every
+   * completed write, truncate and fallocate). Writes ending past it lock to infinity up front.
+   */
+  private sizeHintBytes = 0;
 
-  constructor(path: string, handle: FileHandle, readOnly: boolean, direct: boolean, locked: boolean) {
+  constructor(path: string, handle: FileHandle, readOnly: boolean, direct: boolean, locked: boolean, sizeBytes: number) {
     this.path = path;
     this.handle = handle;
     this.fd = handle.fd;
     this.readOnly = readOnly;
     this.direct = direct;
     this.locked = locked;
+    this.sizeHintBytes = sizeBytes;
     const alignment = nativeDioAlignment(this.fd);
     this.memAlignBytes = direct ? alignment.memAlign : 1;
     this.blockBytes = direct ? alignment.offsetAlign : 1;
@@ -233,6 +239,7 @@ class NodeHostFile implements HostFile {
         const release = await this.ranges.acquire(hostOffset, hostOffset + buf.length);
         try {
           await this.writeFully(buf, hostOffset);
+          this.sizeHintBytes = Math.max(this.sizeHintBytes, hostOffset + buf.length);
         } finally {
           release();
         }
@@ -251,8 +258,9 @@ class NodeHostFile implements HostFile {
   /**
    * Direct write of `data` at hostOffset through a bounce buffer: read the partial head and tail
    * blocks, overlay the data, write the aligned range. When a partial block reaches past the end of
-   * file the whole file beyond the first block is locked (retrying if that was not known up front)
-   * and the size is trimmed back to max(old end of file, end of write).
+   * file the whole file beyond the first block is locked (decided up front from the size hint, so
+   * overlapping writes keep their issue order; retried if only discovered by the reads) and the size
+   * is trimmed back to max(old end of file, end of write).
    */
   private async bouncedWrite(data: Uint8Array, hostOffset: number): Promise<void> {
     const block = this.blockBytes;
@@ -262,7 +270,7 @@ class NodeHostFile implements HostFile {
     const spanBytes = alignedEnd - alignedStart;
     const headPartial = hostOffset > alignedStart;
     const tailPartial = writeEnd < alignedEnd;
-    for (let lockToInfinity = false; ; lockToInfinity = true) {
+    for (let lockToInfinity = alignedEnd > this.sizeHintBytes; ; lockToInfinity = true) {
       const release = await this.ranges.acquire(alignedStart, lockToInfinity ? Infinity : alignedEnd);
       const bounce = this.pool.acquire(spanBytes);
       try {
@@ -293,6 +301,7 @@ class NodeHostFile implements HostFile {
             await this.handle.truncate(sizeBytes);
           }
         }
+        this.sizeHintBytes = Math.max(this.sizeHintBytes, writeEnd);
         return;
       } finally {
         this.pool.release(bounce);
@@ -326,6 +335,7 @@ class NodeHostFile implements HostFile {
     const release = this.direct ? await this.ranges.acquire(0, Infinity) : undefined;
     try {
       await this.handle.truncate(bytes);
+      this.sizeHintBytes = bytes;
     } catch (error) {
       throw toHostIoError(error, this.path, 'ftruncate', bytes);
     } finally {
@@ -347,6 +357,9 @@ class NodeHostFile implements HostFile {
     const release = this.direct ? await this.ranges.acquire(offset, mayChangeSize ? Infinity : offset + length) : undefined;
     try {
       await fallocate(this.fd, mode, offset, length);
+      if (mayChangeSize) {
+        this.sizeHintBytes = Math.max(this.sizeHintBytes, offset + length);
+      }
       return true;
     } catch (error) {
       const code = errorCodeOf(error);
@@ -432,7 +445,7 @@ export async function openNodeHostFile(path: string, options: HostFileOpenOption
       }
       applyQemuLocks(handle.fd, path, readOnly ? QEMU_SHARED_READER : QEMU_WRITER);
     }
-    const file = new NodeHostFile(path, handle, readOnly, direct, lock);
+    const file = new NodeHostFile(path, handle, readOnly, direct, lock, (await handle.stat()).size);
     debug('opened %s %s%s%s, dio alignment %d', path, readOnly ? 'ro' : 'rw', direct ? ' O_DIRECT' : '',
       lock ? ' locked' : '', file.dioAlignment);
     return file;
