@@ -106,7 +106,7 @@ export class TableCache {
       let s = home + i;
       if (s >= this.nbSlots) s -= this.nbSlots;
       const slot = this.slots[s]!;
-      if (slot.offset === -1) return s;
+      if (slot.offset === -1 && slot.pins === 0) return s;
       if (slot.pins === 0 && slot.lru < bestLru) {
         best = s;
         bestLru = slot.lru;
