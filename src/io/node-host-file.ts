@@ -125,7 +125,7 @@ class NodeHostFile implements HostFile {
    * Direct mode: the file size as this handle last established it (fstat at open, then every
    * completed write, truncate and fallocate). Writes ending past it lock to infinity up front.
    */
-  private sizeHintBytes = 0;
+  private sizeHintBytes: number;
 
   constructor(path: string, handle: FileHandle, readOnly: boolean, direct: boolean, locked: boolean, sizeBytes: number) {
     this.path = path;
