@@ -50,6 +50,11 @@ export interface Qcow2OpenOptions {
    * Disable to measure the difference.
    */
   preallocate?: boolean;
+  /**
+   * Open for check/repair (QEMU's BDRV_O_CHECK): a corrupt-marked image may be opened writable, the
+   * snapshot table is left to the check to read, and a dirty image is not repaired on open.
+   */
+  check?: boolean;
   /** Internal: the chain of images above this one (backing opens). */
   chain?: string[];
   /** Internal: an already opened host file for `path`. */
@@ -173,7 +178,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       const headerArea = Buffer.alloc(Math.min(fileBytes, clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : HEADER_V3_MIN_BYTES));
       await file.pread(headerArea, 0, 'header');
       const header = decodeHeader(headerArea, path, fileBytes);
-      if (!options.readOnly && hasBit(header.incompatibleFeatures, INCOMPAT_CORRUPT)) {
+      if (!options.readOnly && options.check !== true && hasBit(header.incompatibleFeatures, INCOMPAT_CORRUPT)) {
         throw new CodedError('EACCES', `${path}: image is marked corrupt; it can only be opened read-only (repair it with 'qcow2fuse check -r all')`, { image: path });
       }
       let dataFile: HostFile = file;
@@ -197,14 +202,14 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       const image = new Qcow2Image(path, file, dataFile, header, l1, backing, options, fileBytes);
       await image.refcounts.load(header.refcountTableOffset, header.refcountTableClusters);
       image.activeMap.registerMetadata('l1');
-      if (header.nbSnapshots > 0) {
+      if (header.nbSnapshots > 0 && options.check !== true) {
         const table = await readSnapshotTable((offset, bytes) => image.readHost(offset, bytes), header.snapshotsOffset, header.nbSnapshots, fileBytes, path);
         image.snapshots = table.entries;
         image.snapshotTableBytes = table.tableBytes;
         image.metadata.add('snapshot-table', header.snapshotsOffset, table.tableBytes);
         for (const s of table.entries) image.metadata.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
       }
-      if (!options.readOnly && hasBit(header.incompatibleFeatures, INCOMPAT_DIRTY)) {
+      if (!options.readOnly && options.check !== true && hasBit(header.incompatibleFeatures, INCOMPAT_DIRTY)) {
         const { repairDirtyImage } = await import('./repair.js');
         await repairDirtyImage(image);
       }

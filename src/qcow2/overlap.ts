@@ -37,6 +37,11 @@ export class MetadataMap {
     return undefined;
   }
 
+  /** Forget every region (before re-registering all metadata after a repair). */
+  clear(): void {
+    this.clusters.clear();
+  }
+
   kindAt(clusterIndex: number): MetadataKind | undefined {
     return this.clusters.get(clusterIndex);
   }

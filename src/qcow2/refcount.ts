@@ -14,6 +14,7 @@ import type { HostFile } from '../io/host-file.js';
 import type { Geometry } from './geometry.js';
 import type { MetadataMap } from './overlap.js';
 import { decodeReftableEntry, encodeReftableEntry, getRefcount, setRefcount } from './refcount-block.js';
+import { readU64 } from './safe-int.js';
 import type { TableCache } from './table-cache.js';
 import { QCOW_MAX_REFTABLE_SIZE_BYTES } from './constants.js';
 import { Qcow2InvalidError } from './errors.js';
@@ -61,15 +62,14 @@ export class Refcounts {
     this.reftableClusters = clusters;
     this.reftable = [];
     for (let i = 0; i < bytes / 8; i++) {
+      // As QEMU: reserved bits are ignored here, a bad offset is corruption where the block is used
+      // (-1 stands for one beyond 2^53); check reports both.
       const e = decodeReftableEntry(buf, i);
-      if (e.invalid || e.refblockOffset % this.geometry.clusterSize !== 0) {
-        this.ctx.signalCorruption(false, `refcount block offset invalid or unaligned (reftable index ${i})`, { structure: 'reftable', hostOffset: offset + i * 8, index: i });
-      }
-      this.reftable.push(e.refblockOffset);
+      this.reftable.push(e.invalid && e.refblockOffset === 0 && readU64(buf, i * 8) > 0x1ffn ? -1 : e.refblockOffset);
     }
     // Trailing zero entries beyond the last used one are kept: the table's size is what is on disk.
     this.ctx.metadata.add('reftable', offset, bytes);
-    for (const block of this.reftable) if (block !== 0) this.ctx.metadata.add('refblock', block, this.geometry.clusterSize);
+    for (const block of this.reftable) if (block > 0) this.ctx.metadata.add('refblock', block, this.geometry.clusterSize);
   }
 
   private checkBlockOffset(reftableIndex: number, blockOffset: number, fileBytes: number | undefined): void {
@@ -86,6 +86,7 @@ export class Refcounts {
     const ri = this.geometry.reftableIndex(clusterIndex);
     const block = this.reftable[ri] ?? 0;
     if (block === 0) return 0;
+    this.checkBlockOffset(ri, block, undefined);
     const h = await this.ctx.cache.get(block);
     const value = getRefcount(h.buf, this.geometry.refblockIndex(clusterIndex), this.geometry.refcountOrder);
     this.ctx.cache.release(h);
@@ -261,6 +262,7 @@ export class Refcounts {
         continue;
       }
       const blockOffset = this.reftable[ri]!;
+      this.checkBlockOffset(ri, blockOffset, undefined);
       const h = await this.ctx.cache.get(blockOffset);
       const blockEnd = (ri + 1) * g.refblockEntries;
       for (; c < blockEnd && c - runStart < nbClusters; c++) {
@@ -290,7 +292,7 @@ export class Refcounts {
     const g = this.geometry;
     let count = 0;
     for (const block of this.reftable) {
-      if (block === 0) continue;
+      if (block <= 0 || block % g.clusterSize !== 0) continue;
       const h = await this.ctx.cache.get(block);
       for (let i = 0; i < g.refblockEntries; i++) if (getRefcount(h.buf, i, g.refcountOrder) !== 0) count++;
       this.ctx.cache.release(h);
@@ -303,7 +305,7 @@ export class Refcounts {
     const g = this.geometry;
     for (let ri = this.reftable.length - 1; ri >= 0; ri--) {
       const block = this.reftable[ri]!;
-      if (block === 0) continue;
+      if (block <= 0 || block % g.clusterSize !== 0) continue;
       const h = await this.ctx.cache.get(block);
       try {
         for (let i = g.refblockEntries - 1; i >= 0; i--) {
