@@ -1,0 +1,54 @@
+/**
+ * `qcow2fuse info [-f qcow2] [-U] [--output=human|json] IMAGE` — qemu-img info: what the image is
+ * (sizes, cluster size, backing file, snapshots, qcow2 features), as the same JSON object qemu-img
+ * prints, or its human text. The image is opened read-only, sharing it with other users (-U is
+ * accepted for compatibility and always in effect).
+ */
+import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
+import { imageInfo } from '../../qcow2/info.js';
+import { Qcow2Image } from '../../qcow2/image.js';
+import { parseArgs } from '../args.js';
+import { commandError, formatInfoHuman, qemuJson, trace, writeOut } from '../output.js';
+
+export const summary = 'show what an image is (qemu-img info; --output=json for the same JSON)';
+
+const USAGE = 'usage: qcow2fuse info [-f qcow2] [-U] [--output=human|json] FILENAME\n';
+
+export async function run(argv: string[]): Promise<number> {
+  let path: string;
+  let json: boolean;
+  try {
+    const { flags, positional } = parseArgs(argv, ['-f', '--output'], ['-U', '-h', '--help']);
+    if (flags.has('-h') || flags.has('--help')) {
+      process.stdout.write(USAGE);
+      return 0;
+    }
+    const format = flags.get('-f') ?? 'qcow2';
+    if (format !== 'qcow2') throw new Error(`only qcow2 images are supported (got -f ${format})`);
+    const output = flags.get('--output') ?? 'human';
+    if (output !== 'human' && output !== 'json') throw new Error(`--output must be human or json, got '${output}'`);
+    if (positional.length !== 1) throw new Error('expected one FILENAME');
+    path = positional[0]!;
+    json = output === 'json';
+  } catch (err) {
+    process.stderr.write(`qcow2fuse info: ${commandError(err)}\n${USAGE}`);
+    return 1;
+  }
+  const probe = nodeHostAllocationProbe();
+  try {
+    const image = await Qcow2Image.open(path, { readOnly: true });
+    try {
+      const info = await imageInfo(image, { probe });
+      trace('info %s: %o', path, info);
+      await writeOut(json ? qemuJson(info) : formatInfoHuman(info));
+    } finally {
+      await image.close();
+    }
+    return 0;
+  } catch (err) {
+    process.stderr.write(`qcow2fuse info: ${commandError(err)}\n`);
+    return 1;
+  } finally {
+    probe.close();
+  }
+}
