@@ -19,7 +19,9 @@ export interface MemoryDeviceOptions {
 type Op = 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush' | 'resize' | 'allocatedBytes' | 'close' | 'infoJson' | 'check' | 'openSnapshot';
 
 export class MemoryDevice implements InspectableDevice {
-  data: Buffer;
+  /** Backing store; grows geometrically so that growing by many small resizes stays linear. */
+  private store: Buffer;
+  private size: number;
   readonly readOnly: boolean;
   readonly clusterSize: number;
   readonly filename: string;
@@ -38,7 +40,8 @@ export class MemoryDevice implements InspectableDevice {
   openViews = 0;
 
   constructor(contents: number | Buffer, options: MemoryDeviceOptions = {}) {
-    this.data = typeof contents === 'number' ? Buffer.alloc(contents) : Buffer.from(contents);
+    this.store = typeof contents === 'number' ? Buffer.alloc(contents) : Buffer.from(contents);
+    this.size = this.store.length;
     this.readOnly = options.readOnly ?? false;
     this.clusterSize = options.clusterSize ?? 65536;
     this.filename = options.filename ?? 'memory.qcow2';
@@ -47,7 +50,12 @@ export class MemoryDevice implements InspectableDevice {
   }
 
   get virtualSize(): number {
-    return this.data.length;
+    return this.size;
+  }
+
+  /** The guest contents (a view: valid until the next resize). */
+  get data(): Buffer {
+    return this.store.subarray(0, this.size);
   }
 
   /** Make the next call of `op` throw `err` (or a CodedError with that code). */
@@ -138,9 +146,14 @@ export class MemoryDevice implements InspectableDevice {
       throw new CodedError('EINVAL', `invalid size ${newVirtualSize}`);
     }
     this.resizes.push(newVirtualSize);
-    const next = Buffer.alloc(newVirtualSize);
-    this.data.copy(next, 0, 0, Math.min(newVirtualSize, this.data.length));
-    this.data = next;
+    if (newVirtualSize > this.store.length) {
+      const next = Buffer.alloc(Math.max(newVirtualSize, 2 * this.store.length));
+      this.store.copy(next, 0, 0, this.size);
+      this.store = next;
+    } else if (newVirtualSize > this.size) {
+      this.store.fill(0, this.size, newVirtualSize);
+    }
+    this.size = newVirtualSize;
     for (const c of [...this.allocated]) if (c * this.clusterSize >= newVirtualSize) this.allocated.delete(c);
   }
 
