@@ -235,8 +235,8 @@ class Checker {
       nbSnapshots = QCOW_MAX_SNAPSHOTS;
     }
     let invalid: [CheckAbortCode, string] | undefined;
-    if (nbSnapshots > QCOW_MAX_SNAPSHOTS) invalid = ['EFBIG', 'Snapshot table too large'];
-    else if (INT64_MAX - BigInt(nbSnapshots * SNAPSHOT_HEADER_BYTES) < offsetRaw || offsetRaw % BigInt(this.clusterSize) !== 0n) invalid = ['EINVAL', 'Snapshot table offset invalid'];
+    if (nbSnapshots > QCOW_MAX_SNAPSHOTS) invalid = ['EFBIG', 'snapshot table too large'];
+    else if (INT64_MAX - BigInt(nbSnapshots * SNAPSHOT_HEADER_BYTES) < offsetRaw || offsetRaw % BigInt(this.clusterSize) !== 0n) invalid = ['EINVAL', 'snapshot table offset invalid'];
     if (invalid) {
       res.checkErrors++;
       this.log(`ERROR ${invalid[1]}`);

@@ -490,6 +490,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     const runStart = plan.firstCluster * g.clusterSize;
     try {
       if (plan.mode === 'direct') {
+        // QEMU's pre-write overlap check: an entry pointing at live metadata must not get data written over it.
+        this.activeMap.assertNoOverlap(plan.hostOffset + (plan.guestOffset - runStart), data.length, 'data');
         const range = this.hasDataFile ? undefined : this.addHostInflight(plan.hostOffset + (plan.guestOffset - runStart), data.length);
         try {
           await this.dataFile.pwrite(data, plan.hostOffset + (plan.guestOffset - runStart), 'data');
@@ -587,6 +589,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   private async pwriteData(buf: Buffer, hostOffset: number): Promise<void> {
+    this.activeMap.assertNoOverlap(hostOffset, buf.length, 'data');
     await this.dataFile.pwrite(buf, hostOffset, 'data');
   }
 
