@@ -40,7 +40,7 @@ export function parseCheckArgs(argv: string[]): CheckArgs | 'help' {
   const repair = flags.get('-r');
   if (repair !== undefined && repair !== 'leaks' && repair !== 'all') throw new Error(`invalid -r argument '${repair}' (leaks or all)`);
   if (positional.length !== 1) throw new Error('expected one FILENAME');
-  return { path: positional[0]!, repair, json: output === 'json', progress: flags.has('-p'), quiet: flags.has('-q') };
+  return { path: positional[0], repair, json: output === 'json', progress: flags.has('-p'), quiet: flags.has('-q') };
 }
 
 /** qemu-img's human report (dump_human_image_check). */
