@@ -95,7 +95,8 @@ export function createFuseAdapter(handlers: FsHandlers, options: AdapterOptions 
       answered = true;
       if (trace.enabled) trace('%s %s%s → %s (%sms)', op, path, detail(), outcome, (performance.now() - start).toFixed(2));
       try {
-        reply(code, value);
+        if (value === undefined) reply(code);
+        else reply(code, value);
       } finally {
         if (--inFlight === 0) {
           const waiting = idle;
@@ -183,5 +184,5 @@ function describe(value: unknown): string {
     const st = value as FileStat;
     return `mode=0${st.mode.toString(8)} size=${st.size} blocks=${st.blocks}`;
   }
-  return typeof value === 'object' ? JSON.stringify(value) : String(value);
+  return typeof value === 'number' ? `${value}` : JSON.stringify(value);
 }

@@ -89,7 +89,7 @@ function execFileText(file: string, args: readonly string[]): Promise<{ code: nu
     execFile(file, args, { encoding: 'utf8' }, (err, _stdout, stderr) => {
       if (err === null) resolvePromise({ code: 0, stderr });
       else if (typeof err.code === 'number') resolvePromise({ code: err.code, stderr });
-      else reject(err);
+      else reject(Object.assign(new Error(err.message), { code: err.code }));
     });
   });
 }
@@ -318,20 +318,21 @@ export class MountSession {
       this.log(`could not unmount ${this.mountpoint} (${(err as Error).message}); closing the image anyway`);
     }
     await this.adapter.drained();
-    let failure: unknown;
+    let failure: Error | undefined;
+    const asError = (err: unknown) => (err instanceof Error ? err : new Error(String(err)));
     try {
       await this.handlers.dispose();
     } catch (err) {
-      failure = err;
+      failure = asError(err);
     }
     try {
       await this.device.close();
     } catch (err) {
-      failure ??= err;
+      failure ??= asError(err);
     }
     this.mount.release();
     if (failure !== undefined) {
-      this.log(`closing ${this.image} failed: ${errnoName(failure)}: ${failure instanceof Error ? failure.message : String(failure)}`);
+      this.log(`closing ${this.image} failed: ${errnoName(failure)}: ${failure.message}`);
       throw failure;
     }
     this.log(`closed ${this.image}`);

@@ -27,9 +27,9 @@ export function parseMountinfo(text: string): MountEntry[] {
     if (dash < 0 || fields.length < dash + 3) continue;
     entries.push({
       mountId: Number(fields[0]),
-      mountPoint: unescape(fields[4] as string),
-      fsType: fields[dash + 1] as string,
-      source: unescape(fields[dash + 2] as string),
+      mountPoint: unescape(fields[4]),
+      fsType: fields[dash + 1],
+      source: unescape(fields[dash + 2]),
     });
   }
   return entries;

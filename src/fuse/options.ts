@@ -67,7 +67,7 @@ function invalid(message: string): Error {
 export function parseSize(text: string): number {
   const match = /^(\d+)([KMGT]?)(?:i?B)?$/i.exec(text.trim());
   if (match === null) throw invalid(`invalid size '${text}' (expected a number with an optional K, M, G or T suffix)`);
-  const bytes = Number(match[1]) * (SIZE_UNITS[(match[2] ?? '').toUpperCase()] as number);
+  const bytes = Number(match[1]) * SIZE_UNITS[match[2].toUpperCase()];
   if (!Number.isSafeInteger(bytes)) throw invalid(`size '${text}' is too large`);
   return bytes;
 }

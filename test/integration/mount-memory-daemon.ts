@@ -47,4 +47,4 @@ const openMemoryImage: DeviceOpener = async (path, options) => {
   return device;
 };
 
-process.exitCode = await runMount(process.argv.slice(2), { opener: openMemoryImage, daemonArgs: [...process.execArgv, process.argv[1] as string] });
+process.exitCode = await runMount(process.argv.slice(2), { opener: openMemoryImage, daemonArgs: [...process.execArgv, process.argv[1]] });

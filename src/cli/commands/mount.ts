@@ -56,7 +56,7 @@ export function parseMountArgs(argv: readonly string[]): MountArgs {
   const args: MountArgs = { optionSpecs: [], foreground: false, daemonChild: false, help: false };
   const positional: string[] = [];
   for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i] as string;
+    const arg = argv[i];
     if (arg === '-h' || arg === '--help') args.help = true;
     else if (arg === '-f') args.foreground = true;
     else if (arg === DAEMON_FLAG) args.daemonChild = true;
@@ -65,7 +65,10 @@ export function parseMountArgs(argv: readonly string[]): MountArgs {
       if (spec === undefined) throw new CodedError('EINVAL', '-o needs an argument');
       args.optionSpecs.push(spec);
     } else if (arg.startsWith('-o')) args.optionSpecs.push(arg.slice(2));
-    else if (arg === '--') positional.push(...argv.slice(i + 1)), (i = argv.length);
+    else if (arg === '--') {
+      positional.push(...argv.slice(i + 1));
+      break;
+    }
     else if (arg.startsWith('-') && arg !== '-') throw new CodedError('EINVAL', `unknown option '${arg}'`);
     else positional.push(arg);
   }
@@ -164,5 +167,5 @@ export async function runMount(argv: readonly string[], env: MountEnvironment): 
 }
 
 export function run(argv: string[]): Promise<number> {
-  return runMount(argv, { opener: openQcow2Image, daemonArgs: [...process.execArgv, process.argv[1] as string, 'mount'] });
+  return runMount(argv, { opener: openQcow2Image, daemonArgs: [...process.execArgv, process.argv[1], 'mount'] });
 }

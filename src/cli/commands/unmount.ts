@@ -16,13 +16,13 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
-  if (argv.length !== 1 || (argv[0] as string).startsWith('-')) {
+  if (argv.length !== 1 || argv[0].startsWith('-')) {
     process.stderr.write(`qcow2fuse unmount: expected one MOUNTPOINT\n${USAGE}\n`);
     return 1;
   }
   try {
     await unmountMountpoint({
-      mountpoint: argv[0] as string,
+      mountpoint: argv[0],
       onSlowClose: (state) => process.stderr.write(`qcow2fuse: waiting for the daemon (pid ${state.pid}) to flush and close ${state.image}…\n`),
     });
     return 0;

@@ -217,7 +217,7 @@ describe('inspection files', () => {
     await device.resize(64 * MiB);
     const fh2 = await handlers.open('/info.json', constants.O_RDONLY);
     const text2 = (await handlers.read('/info.json', fh2, 1 << 20, 0)).toString();
-    expect(JSON.parse(text2)['virtual-size']).toBe(64 * MiB);
+    expect((JSON.parse(text2) as Record<string, unknown>)['virtual-size']).toBe(64 * MiB);
     expect((await handlers.getattr('/info.json')).size).toBe(Buffer.byteLength(text2));
     // The first handle still sees its own snapshot.
     expect((await handlers.read('/info.json', fh1, 1 << 20, 0)).toString()).toBe(text1);
@@ -278,8 +278,8 @@ describe('snapshot views', () => {
     const a = await handlers.open('/snapshots/base.raw', constants.O_RDONLY);
     const b = await handlers.open('/snapshots/base.raw', constants.O_RDONLY);
     expect(device.openViews).toBe(1);
-    expect(Buffer.compare(await handlers.read('/snapshots/base.raw', a, 9000, 0), snaps[0]!.data)).toBe(0);
-    expect(Buffer.compare(await handlers.read('/snapshots/dup@3.raw', await handlers.open('/snapshots/dup@3.raw', 0), 4096, 0), snaps[2]!.data)).toBe(0);
+    expect(Buffer.compare(await handlers.read('/snapshots/base.raw', a, 9000, 0), snaps[0].data)).toBe(0);
+    expect(Buffer.compare(await handlers.read('/snapshots/dup@3.raw', await handlers.open('/snapshots/dup@3.raw', 0), 4096, 0), snaps[2].data)).toBe(0);
     expect(await errCode(handlers.open('/snapshots/base.raw', constants.O_RDWR))).toBe('EACCES');
     await handlers.release('/snapshots/base.raw', a);
     expect(device.openViews).toBe(2);
