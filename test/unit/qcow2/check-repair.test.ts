@@ -1,0 +1,94 @@
+/**
+ * The dirty-bit repair: an image with lazy refcounts whose writer was killed has stale refcounts and
+ * the dirty bit set. Opening it writable with ours repairs it the way a writable QEMU open does
+ * (byte for byte), clears the dirty bit, and qemu-img check calls it clean; a read-only open leaves
+ * it alone; an image the repair cannot fix is refused as QEMU refuses it.
+ */
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { CodedError } from '../../../src/io/errors.js';
+import { Qcow2Image } from '../../../src/qcow2/image.js';
+import { sha256 } from '../../helpers/files.js';
+import { qemuImgCheck, qemuImgCreate, qemuIo, qemuIoOk } from '../../helpers/qemu.js';
+import { useTempDir } from '../../helpers/tmp.js';
+import { requireTools } from '../../helpers/tools.js';
+
+const hasQemu = requireTools('qemu-img', 'qemu-io');
+const SIGKILL = 9;
+
+async function incompatibleBits(path: string): Promise<number> {
+  return (await readFile(path))[79]! & 0x03;
+}
+
+/** qemu-io with lazy refcounts, killed right after its writes (qemu-iotests 039). */
+async function crashedLazyImage(path: string): Promise<void> {
+  await qemuImgCreate(path, '64M', { lazy_refcounts: true });
+  const result = await qemuIo(path, ['write -P 0x5a 0 512', 'write -P 0x5b 4M 128k', `sigraise ${SIGKILL}`], { cache: 'writethrough' });
+  expect(result.code).not.toBe(0);
+  expect(await incompatibleBits(path)).toBe(0x01);
+}
+
+describe.skipIf(!hasQemu)('dirty image repair on open', () => {
+  const tmp = useTempDir('check-repair');
+
+  it('repairs a crashed lazy-refcounts image like a writable QEMU open', async () => {
+    const ours = tmp.file('ours.qcow2');
+    const theirs = tmp.file('qemu.qcow2');
+    await crashedLazyImage(ours);
+    await copyFile(ours, theirs);
+    const before = await qemuImgCheck(ours);
+    expect(before.code).toBe(2);
+    expect(before.report?.corruptions).toBeGreaterThan(0);
+
+    const image = await Qcow2Image.open(ours, { readOnly: false });
+    expect((await image.read(0, 512)).equals(Buffer.alloc(512, 0x5a))).toBe(true);
+    expect((await image.read(4 << 20, 128 * 1024)).equals(Buffer.alloc(128 * 1024, 0x5b))).toBe(true);
+    await image.close();
+
+    expect(await incompatibleBits(ours)).toBe(0);
+    const after = await qemuImgCheck(ours);
+    expect(after.code).toBe(0);
+    expect(after.report?.corruptions ?? 0).toBe(0);
+    expect(after.report?.leaks ?? 0).toBe(0);
+    await qemuIoOk(theirs, ['read -P 0x5a 0 512']);
+    expect(sha256(await readFile(ours))).toBe(sha256(await readFile(theirs)));
+  });
+
+  it('writes to a repaired image keep it clean', async () => {
+    const path = tmp.file('a.qcow2');
+    await crashedLazyImage(path);
+    const image = await Qcow2Image.open(path, { readOnly: false });
+    await image.write(8 << 20, Buffer.alloc(256 * 1024, 0x77));
+    await image.close();
+    expect((await qemuImgCheck(path)).code).toBe(0);
+    await qemuIoOk(path, ['read -P 0x77 8M 256k', 'read -P 0x5b 4M 128k'], { readOnly: true });
+  });
+
+  it('leaves a dirty image alone when opened read-only', async () => {
+    const path = tmp.file('ro.qcow2');
+    await crashedLazyImage(path);
+    const hash = sha256(await readFile(path));
+    const image = await Qcow2Image.open(path, { readOnly: true });
+    expect((await image.read(0, 512)).equals(Buffer.alloc(512, 0x5a))).toBe(true);
+    await image.close();
+    expect(sha256(await readFile(path))).toBe(hash);
+  });
+
+  it('refuses a dirty image its repair cannot fix, as QEMU does', async () => {
+    const ours = tmp.file('bad.qcow2');
+    const theirs = tmp.file('bad-qemu.qcow2');
+    await qemuImgCreate(ours, '64M', { lazy_refcounts: true });
+    await qemuIoOk(ours, ['write -P 0x5a 0 512']);
+    const bytes = await readFile(ours);
+    const reftable = Number(bytes.readBigUInt64BE(48));
+    bytes.writeBigUInt64BE(0x20200n, reftable); // first refcount block unaligned: every refcount lookup fails
+    bytes[79] = bytes[79]! | 0x01;
+    await writeFile(ours, bytes);
+    await copyFile(ours, theirs);
+
+    const qemu = await qemuIo(theirs, ['read 0 512']);
+    expect(qemu.stderr).toContain('Could not repair dirty image');
+    await expect(Qcow2Image.open(ours, { readOnly: false })).rejects.toSatisfy((err) => err instanceof CodedError && err.code === 'EIO');
+    expect(await incompatibleBits(ours)).toBe(await incompatibleBits(theirs));
+  });
+});
