@@ -4,18 +4,18 @@
  * lifecycle with the tools users use — dd, cp, cmp, truncate, du, cat, jq, grep, wc, tail, umount,
  * fusermount — independently of the qcow2 driver. Every test unmounts what it mounted (finally).
  */
-import { copyFile, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { copyFile, open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../helpers/exec.js';
 import { createSparseFile, writePatternFile } from '../helpers/files.js';
-import { findMount, forceUnmount, registerMount, unregisterMount, waitForMount, waitForUnmount } from '../helpers/mount.js';
+import { findMount, forceUnmount, readMounts, registerMount, unregisterMount, waitForMount, waitForUnmount } from '../helpers/mount.js';
 import { tempDir } from '../helpers/tmp.js';
 import { findAnyTool, requireFuse, requireTools } from '../helpers/tools.js';
 import { checkBuild, cli, daemonPid, memoryMount, memoryMountForeground, testEnv, waitForExit } from './mount-harness.js';
 
 const MiB = 1024 * 1024;
-const ready = requireFuse() && requireTools('dd', 'cmp', 'cp', 'truncate', 'du', 'jq', 'grep', 'wc', 'tail', 'umount');
+const ready = requireFuse() && requireTools('dd', 'cmp', 'cp', 'truncate', 'du', 'stat', 'jq', 'grep', 'wc', 'tail', 'umount');
 
 interface Fixture {
   dir: string;
@@ -99,8 +99,10 @@ describe.skipIf(!ready)('mount over a memory device', () => {
       const copy = join(f.dir, 'copy.raw');
       await run('cp', [join(f.mnt, 'disk.raw'), copy]);
       await expectSameFile(copy, f.model);
-      const sum = await run('dd', [`if=${join(f.mnt, 'disk.raw')}`, 'bs=1M', 'status=none', 'of=/dev/null']);
-      expect(sum.code).toBe(0);
+      const hostFs = await run('stat', ['-f', '-c', '%S %b', f.dir]);
+      const mountFs = await run('stat', ['-f', '-c', '%S %b', f.mnt]);
+      const bytes = (text: string) => text.trim().split(' ').map(Number).reduce((a, b) => a * b, 1);
+      expect(bytes(mountFs.stdout)).toBe(bytes(hostFs.stdout));
 
       await unmountWithCli(f);
       expect(await readdir(f.runtime)).not.toContain(expect.stringMatching(/\.json$/));
@@ -319,6 +321,42 @@ describe.skipIf(!ready)('mount over a memory device', () => {
       await expectSameFile(join(f.mnt, 'snapshots', 'before upgrade.raw'), snapshot);
       const write = await run('dd', ['if=/dev/zero', `of=${join(f.mnt, 'snapshots', 'before upgrade.raw')}`, 'count=1', 'conv=notrunc', 'status=none']);
       expect(write.stderr).toMatch(/Permission denied/);
+      await unmountWithCli(f);
+    } finally {
+      await cleanup(f);
+    }
+  });
+
+  /** Reads of `disk.raw` at offset 0 the daemon served, from its DEBUG=qcow2fuse:fuse trace. */
+  async function readsAtZero(f: Fixture): Promise<number> {
+    const log = (await readdir(f.runtime)).find((n) => n.endsWith('.log')) as string;
+    return (await readFile(join(f.runtime, log), 'utf8')).split('\n').filter((l) => /read \/disk\.raw fh=\d+ pos=0 /.test(l)).length;
+  }
+
+  /** Read the first 4 KiB twice through one descriptor, then again through a new one. */
+  async function readTwiceThenReopen(raw: string): Promise<void> {
+    const fd = await open(raw, 'r');
+    await fd.read(Buffer.alloc(4096), 0, 4096, 0);
+    await fd.read(Buffer.alloc(4096), 0, 4096, 0);
+    await fd.close();
+    const again = await open(raw, 'r');
+    await again.read(Buffer.alloc(4096), 0, 4096, 0);
+    await again.close();
+  }
+
+  it.each([
+    ['default', [], 2],
+    ['direct_io', ['direct_io'], 3],
+    ['compress (direct_io by default)', ['compress'], 3],
+    ['kernel_cache', ['kernel_cache'], 1],
+  ])('page cache of disk.raw with %s', async (_name, options, expectedReads) => {
+    const f = await fixture(MiB, { DEBUG: 'qcow2fuse:fuse' });
+    try {
+      await mount(f, [...options, 'allow_other']);
+      expect((await readMounts()).find((m) => m.mountPoint === f.mnt)?.superOptions).toContain('allow_other');
+      await readTwiceThenReopen(join(f.mnt, 'disk.raw'));
+      expect(await readsAtZero(f)).toBe(expectedReads);
+      expect(JSON.parse(await readFile(join(f.mnt, 'info.json'), 'utf8'))).toMatchObject({ 'virtual-size': MiB });
       await unmountWithCli(f);
     } finally {
       await cleanup(f);

@@ -17,7 +17,7 @@ const hasQemu = requireTools('qemu-img', 'qemu-io');
 const SIGKILL = 9;
 
 async function incompatibleBits(path: string): Promise<number> {
-  return (await readFile(path))[79]! & 0x03;
+  return (await readFile(path))[79] & 0x03;
 }
 
 /** qemu-io with lazy refcounts, killed right after its writes (qemu-iotests 039). */
@@ -82,7 +82,7 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
     const bytes = await readFile(ours);
     const reftable = Number(bytes.readBigUInt64BE(48));
     bytes.writeBigUInt64BE(0x20200n, reftable); // first refcount block unaligned: every refcount lookup fails
-    bytes[79] = bytes[79]! | 0x01;
+    bytes[79] = bytes[79] | 0x01;
     await writeFile(ours, bytes);
     await copyFile(ours, theirs);
 
