@@ -13,6 +13,9 @@
  */
 import { describe, expect, it, onTestFailed } from 'vitest';
 import { writeFile } from 'node:fs/promises';
+import { HostIoError } from '../../../src/io/errors.js';
+import type { HostFile, HostFileOpener, WritePoint } from '../../../src/io/host-file.js';
+import { openNodeHostFile } from '../../../src/io/node-host-file.js';
 import { Qcow2Image, type CacheMode, type Qcow2OpenOptions } from '../../../src/qcow2/image.js';
 import { describeDifference, GuestModel, randomGuestRange } from '../../helpers/model.js';
 import { patternBuffer, Prng, seedFromEnv } from '../../helpers/patterns.js';
@@ -30,6 +33,45 @@ function envInt(name: string, fallback: number): number {
   const value = Number(text);
   if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`${name} must be a non-negative integer, got '${text}'`);
   return value;
+}
+
+/**
+ * A host file that refuses to grow past `capBytes` (ENOSPC): a runaway allocation fails the test
+ * quickly instead of filling the disk until the timeout.
+ */
+class CappedFile implements HostFile {
+  constructor(readonly inner: HostFile, private readonly capBytes: number) {}
+  get path(): string { return this.inner.path; }
+  get readOnly(): boolean { return this.inner.readOnly; }
+  get direct(): boolean { return this.inner.direct; }
+  get dioAlignment(): number { return this.inner.dioAlignment; }
+  private check(operation: string, end: number): void {
+    if (end > this.capBytes) throw new HostIoError('ENOSPC', this.path, operation, end, `test cap of ${this.capBytes} host bytes exceeded`);
+  }
+  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.inner.pread(buf, hostOffset, point); }
+  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+    this.check('pwrite', hostOffset + buf.length);
+    await this.inner.pwrite(buf, hostOffset, point);
+  }
+  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
+  size(): Promise<number> { return this.inner.size(); }
+  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
+  async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+    if (keepSize !== true) this.check('zeroRange', offset + length);
+    return this.inner.zeroRange(offset, length, keepSize);
+  }
+  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
+  async allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+    if (keepSize !== true) this.check('allocate', offset + length);
+    return this.inner.allocate(offset, length, keepSize);
+  }
+  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
+  close(): Promise<void> { return this.inner.close(); }
+}
+
+/** Open images on real files, capped at `capBytes`. */
+function cappedOpener(capBytes: number): HostFileOpener {
+  return async (path, options) => new CappedFile(await openNodeHostFile(path, options), capBytes);
 }
 
 type BackingKind = 'none' | 'raw' | 'qcow2';
@@ -154,9 +196,10 @@ async function makeFixture(dir: string, c: CaseConfig, rng: Prng): Promise<Fixtu
   return { image, model, subclusterSize: c.extendedL2 ? cs / 32 : cs };
 }
 
-function openOptions(c: CaseConfig, rng: Prng): Qcow2OpenOptions {
+function openOptions(c: CaseConfig, rng: Prng, virtualSize: number): Qcow2OpenOptions {
   const cs = 2 ** c.clusterBits;
-  const options: Qcow2OpenOptions = { readOnly: false, cache: c.cache, preallocate: c.preallocate };
+  // Data, tables and refcount structures of a small disk: far below 4× its size plus 64 clusters.
+  const options: Qcow2OpenOptions = { readOnly: false, cache: c.cache, preallocate: c.preallocate, openHostFile: cappedOpener(4 * virtualSize + 64 * cs) };
   if (c.smallCaches || rng.chance(0.15)) {
     options.l2CacheBytes = 16 * Math.min(cs, 4096) * rng.range(1, 2);
     options.refcountCacheBytes = 4 * cs;
@@ -187,7 +230,7 @@ async function runSequence(dir: string, c: CaseConfig, seed: number, nbOps: numb
   const cs = model.clusterSize;
   const log: string[] = [];
   onTestFailed(() => console.error(`case seed ${seed} (${describeCase(c)}, virtual size ${model.virtualSize}); last operations:\n  ${log.slice(-25).join('\n  ')}`));
-  let image = await Qcow2Image.open(path, openOptions(c, rng));
+  let image = await Qcow2Image.open(path, openOptions(c, rng, model.virtualSize));
   try {
     const writeCap = Math.max(64 * KiB, Math.min(3 * cs, MiB));
     for (let i = 0; i < nbOps; i++) {
@@ -215,7 +258,7 @@ async function runSequence(dir: string, c: CaseConfig, seed: number, nbOps: numb
       } else if (roll < 0.93) {
         log.push('reopen');
         await image.close();
-        image = await Qcow2Image.open(path, openOptions(c, rng));
+        image = await Qcow2Image.open(path, openOptions(c, rng, model.virtualSize));
         await expectImageEqualsModel(image, model, `after reopen (op ${i})`);
       } else {
         const { offset, bytes } = randomGuestRange(rng, model.virtualSize, cs, 2 * writeCap, subclusterSize);
@@ -319,5 +362,35 @@ describe.skipIf(!hasQemu)('images we write are read correctly by qemu-io', () =>
       await model.saveRaw(raw);
       expect(await qemuImgCompare(path, raw, { formatA: 'qcow2', formatB: 'raw' })).toBe(true);
     });
+  }
+});
+
+describe.skipIf(!hasQemu)('regressions found by the property tests', () => {
+  const tmp = useTempDir('property-regression');
+
+  // Seed 4082245971, case 2 (512 B clusters, refcount_bits 64): the second write never completed.
+  // A plan allocates up to a whole L2 slice of contiguous clusters (64 here), but a refcount block
+  // covers only 64 clusters and allocClusters places each new block at the first cluster of its own
+  // range, so no run of 64 free clusters ever exists past the last block: it creates blocks forever.
+  for (const { clusterSize, refcountBits } of [{ clusterSize: 512, refcountBits: 64 }, { clusterSize: 1024, refcountBits: 64 }, { clusterSize: 4096, refcountBits: 64 }]) {
+    it(`a write of a whole L2 slice of new clusters completes (${clusterSize} B clusters, refcount_bits ${refcountBits})`, async () => {
+      const path = tmp.file('image.qcow2');
+      const sliceEntries = Math.min(clusterSize, 4096) / 8;
+      const virtualSize = 4 * sliceEntries * clusterSize;
+      await qemuImgCreate(path, virtualSize, { cluster_size: clusterSize, refcount_bits: refcountBits });
+      const model = new GuestModel({ virtualSize, clusterSize, version: 3 });
+      const image = await Qcow2Image.open(path, { readOnly: false, openHostFile: cappedOpener(16 * virtualSize) });
+      try {
+        for (const [offset, bytes] of [[2 * sliceEntries * clusterSize + 512, 8192], [sliceEntries * clusterSize, sliceEntries * clusterSize]] as const) {
+          const data = patternBuffer(bytes, offset, offset);
+          await image.write(offset, data);
+          model.write(offset, data);
+        }
+        await expectImageEqualsModel(image, model, 'after the writes');
+      } finally {
+        await image.close().catch(() => undefined);
+      }
+      await expectQemuAgrees(tmp.path, path, model);
+    }, 30_000);
   }
 });
