@@ -189,6 +189,37 @@ export function checkSerializable(before: Uint8Array, writes: readonly Concurren
   return undefined;
 }
 
+/**
+ * Check guest contents `actual` after operations `tail` were applied to the state `before` but may
+ * have been cut short (power cut, I/O error): every byte no tail operation touched must equal
+ * `before`; a byte only plain writes touched must hold its `before` value or one of those writes'
+ * values; bytes under a zero write or the whole clusters of a discard are unconstrained (the guest
+ * gave them up, and a freed cluster may be reused before its unmapping is durable). Returns a
+ * violation or undefined.
+ */
+export function explainInterrupted(actual: Uint8Array, before: GuestModel, tail: readonly GuestOp[]): string | undefined {
+  const gaveUp = new RangeSet();
+  const written = new RangeSet();
+  for (const op of tail) {
+    if (op.op === 'write') written.add(op.offset, op.offset + op.data.length);
+    else if (op.op === 'writeZeroes') gaveUp.add(op.offset, op.offset + op.bytes);
+    else {
+      const { start, end } = before.discardedRange(op.offset, op.bytes);
+      gaveUp.add(start, end);
+    }
+  }
+  const expected = before.bytes;
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] === expected[i] || gaveUp.has(i)) continue;
+    if (!written.has(i)) {
+      return `${describeDifference(actual.subarray(i), expected.subarray(i), i, before.clusterSize)}: a byte no operation touched changed`;
+    }
+    const explained = tail.some((op) => op.op === 'write' && i >= op.offset && i < op.offset + op.data.length && op.data[i - op.offset] === actual[i]);
+    if (!explained) return `byte at ${i} is 0x${actual[i].toString(16)}: neither its earlier value 0x${expected[i].toString(16)} nor written by an interrupted write`;
+  }
+  return undefined;
+}
+
 /** A set of byte ranges [start, end), kept sorted and merged. */
 export class RangeSet {
   private ranges: { start: number; end: number }[] = [];
