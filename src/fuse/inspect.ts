@@ -3,7 +3,8 @@
  * its reads.
  *
  * Each file is generated as a stream of text chunks from the live image (the map and the layout are
- * streamed from the driver's async iterables, so a huge image never becomes one giant string).
+ * streamed from the driver's async iterables, so a huge image never becomes one giant string). map.json
+ * uses the driver's formatter, so it is byte-identical to `qcow2fuse map --output=json`.
  * Opening a file captures the whole stream into a ContentSnapshot: in memory while small, spilled to an
  * unlinked temporary file beyond a limit. Reads on that handle see exactly that snapshot (consistent
  * even while the image changes), and the snapshot's size is what getattr reports, so tools that trust
@@ -13,7 +14,8 @@ import { randomBytes } from 'node:crypto';
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { InspectableDevice, LayoutEntry, MapExtent } from '../qcow2/block-device.js';
+import type { InspectableDevice, LayoutEntry } from '../qcow2/block-device.js';
+import { mapJsonChunks } from '../qcow2/map.js';
 
 /** A generator of one inspection file's text. */
 export type ContentGenerator = (device: InspectableDevice) => AsyncIterable<string>;
@@ -24,28 +26,6 @@ const CHUNK_CHARS = 64 * 1024;
 /** JSON the way qemu-img prints it with --output=json (4-space indentation, trailing newline). */
 export function qemuJson(value: unknown): string {
   return `${JSON.stringify(value, null, 4)}\n`;
-}
-
-/** One extent as a line of `qemu-img map --output=json` (without the separator). */
-export function mapExtentJson(extent: MapExtent): string {
-  const offset = extent.offset === undefined ? '' : `, "offset": ${extent.offset}`;
-  return `{ "start": ${extent.start}, "length": ${extent.length}, "depth": ${extent.depth}, "present": ${extent.present}, ` +
-    `"zero": ${extent.zero}, "data": ${extent.data}, "compressed": ${extent.compressed}${offset}}`;
-}
-
-/** The text of `qemu-img map --output=json`, streamed: `[{…},\n{…},\n{…}]\n` (or `[]\n` when empty). */
-export async function* mapJsonText(extents: AsyncIterable<MapExtent>): AsyncIterable<string> {
-  let pending = '';
-  let first = true;
-  for await (const extent of extents) {
-    pending += `${first ? '[' : ',\n'}${mapExtentJson(extent)}`;
-    first = false;
-    if (pending.length >= CHUNK_CHARS) {
-      yield pending;
-      pending = '';
-    }
-  }
-  yield `${pending}${first ? '[' : ''}]\n`;
 }
 
 export const LAYOUT_HEADER = '# host_offset\tbytes\tkind\tguest_offset\tnote\n';
@@ -72,7 +52,7 @@ export async function* layoutText(entries: AsyncIterable<LayoutEntry>): AsyncIte
 /** The inspection files in the mount's root, by name. */
 export const INSPECTION_FILES: ReadonlyMap<string, ContentGenerator> = new Map<string, ContentGenerator>([
   ['info.json', async function* info(device) { yield qemuJson(await device.infoJson()); }],
-  ['map.json', (device) => mapJsonText(device.mapExtents())],
+  ['map.json', (device) => mapJsonChunks(device.mapExtents(), CHUNK_CHARS)],
   ['layout.txt', (device) => layoutText(device.layout())],
   ['check.json', async function* check(device) { yield qemuJson(await device.check()); }],
 ]);

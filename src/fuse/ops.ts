@@ -18,6 +18,15 @@
  * EPERM, a write wholly past the end fails EFBIG ("File too large"), one straddling it is short. On a
  * read-only mount every modification fails EROFS. FUSE `flush` (each close(2)) does nothing: durability
  * is fsync's (and unmount's) job, as on any filesystem.
+ *
+ * Growth ahead: a sequential copy into an empty image extends the file with every write, and an image
+ * resize is a durable header update (an fdatasync). So writes past the end grow the image geometrically
+ * (by its size, at least GROW_MIN_BYTES, at most GROW_MAX_BYTES) and the file's size — st_size, the end
+ * of reads — is kept here as the logical size, which the image is trimmed back to on fsync, before an
+ * inspection file is generated, and at unmount (dispose). Beyond the logical size the image only ever
+ * holds zeros (a shrink always resizes the image exactly), so a crash can leave at most zero-filled
+ * slack at the end, never stale data. Images with internal snapshots cannot be shrunk (QEMU refuses
+ * it too), so they grow exactly.
  */
 import { constants as fsConstants } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -104,7 +113,7 @@ export interface FsHandlers {
   utimens(path: string, atime: Date, mtime: Date): Promise<void>;
   /** Creating, removing, renaming and re-owning entries: always refused (EPERM, EROFS when read-only). */
   refuse(op: string, path: string): Promise<never>;
-  /** Release every open handle and snapshot view (before the device closes). Idempotent. */
+  /** Trim the image to the file's size, release every open handle and snapshot view (before the device closes). Idempotent. */
   dispose(): Promise<void>;
   /** Number of open file handles. */
   openHandles(): number;
@@ -112,6 +121,9 @@ export interface FsHandlers {
 
 /** Virtual sizes are whole 512-byte sectors (QEMU's BDRV_SECTOR_SIZE). */
 export const SIZE_ALIGNMENT = 512;
+/** Bounds of one growth-ahead step. */
+export const GROW_MIN_BYTES = 64 * 1024 * 1024;
+export const GROW_MAX_BYTES = 1024 * 1024 * 1024;
 const BLKSIZE = 131072;
 /** Access-mode bits of open(2) flags (not in Node's fs.constants). */
 const O_ACCMODE = 3;
@@ -145,8 +157,9 @@ function encodeSnapshotName(name: string): string {
 }
 
 /**
- * The file names of the snapshots directory → the id-or-name to open each with. A unique, non-empty
- * name is `NAME.raw` (opened by name); a duplicate or empty one is `NAME@ID.raw` (opened by id).
+ * The file names of the snapshots directory → the snapshot id to open each with (ids are unique; a
+ * name may be repeated, empty, or equal to another snapshot's id). A unique, non-empty name is
+ * `NAME.raw`; a duplicate or empty one is `NAME@ID.raw`.
  */
 export function snapshotFiles(snapshots: readonly SnapshotSummary[]): Map<string, { ref: string; summary: SnapshotSummary }> {
   const counts = new Map<string, number>();
@@ -155,7 +168,7 @@ export function snapshotFiles(snapshots: readonly SnapshotSummary[]): Map<string
   for (const s of snapshots) {
     const unique = s.name !== '' && counts.get(s.name) === 1;
     const file = unique ? `${encodeSnapshotName(s.name)}.raw` : `${encodeSnapshotName(s.name)}@${encodeSnapshotName(s.id)}.raw`;
-    files.set(file, { ref: unique ? s.name : s.id, summary: s });
+    files.set(file, { ref: s.id, summary: s });
   }
   return files;
 }
@@ -245,6 +258,8 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
   const generated = new Map<string, { size: number; at: Date }>();
   const views = new Map<string, SnapshotView>();
   const sizeLock = new RwLock();
+  /** The file's size (st_size); the device is at least this big, and zero beyond it. */
+  let logicalSize = device.virtualSize;
 
   const readOnlyError = (path: string) => fsError('EROFS', `${path}: the mount is read-only`);
 
@@ -285,37 +300,43 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
     raw.ctime = raw.mtime;
   };
 
-  /** Read from disk.raw, clamped to the current virtual size. */
+  /** Read from disk.raw, clamped to the file's size. */
   function readRaw(length: number, position: number): Promise<Buffer> {
     return sizeLock.shared(async () => {
-      const end = Math.min(device.virtualSize, position + length);
+      const end = Math.min(logicalSize, position + length);
       return position >= end ? Buffer.alloc(0) : device.read(position, end - position);
     });
   }
 
-  /** Write to disk.raw, growing the image first when the write ends past it (unless nogrow). */
+  /** The device size to grow to for a write ending at `end` (ahead of it, unless the image cannot shrink back). */
+  function growTarget(end: number): number {
+    if (device.listSnapshots().length > 0) return alignUp(end);
+    const size = device.virtualSize;
+    return alignUp(Math.max(end, size + Math.min(GROW_MAX_BYTES, Math.max(GROW_MIN_BYTES, size))));
+  }
+
+  /** Write to disk.raw, growing the file (and the image, ahead) when the write ends past it (unless nogrow). */
   async function writeRaw(path: string, data: Buffer, position: number): Promise<number> {
     if (options.readOnly) throw readOnlyError(path);
     if (data.length === 0) return 0;
     for (;;) {
       const written = await sizeLock.shared(async () => {
-        const size = device.virtualSize;
         let length = data.length;
-        if (position + length > size) {
-          if (!options.nogrow) return undefined;
-          if (position >= size) throw fsError('EFBIG', `${path}: write at ${position} is past the end (${size} bytes) and the mount is nogrow`);
-          length = size - position;
+        if (options.nogrow && position + length > logicalSize) {
+          if (position >= logicalSize) throw fsError('EFBIG', `${path}: write at ${position} is past the end (${logicalSize} bytes) and the mount is nogrow`);
+          length = logicalSize - position;
         }
+        if (position + length > device.virtualSize) return undefined;
         await device.write(position, length === data.length ? data : data.subarray(0, length));
+        logicalSize = Math.max(logicalSize, alignUp(position + length));
         return length;
       });
       if (written !== undefined) {
         touched();
         return written;
       }
-      const end = alignUp(position + data.length);
       await sizeLock.exclusive(async () => {
-        if (device.virtualSize < end) await device.resize(end);
+        if (device.virtualSize < position + data.length) await device.resize(growTarget(position + data.length));
       });
     }
   }
@@ -325,11 +346,19 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
     if (!Number.isSafeInteger(size) || size < 0) throw fsError('EINVAL', `${path}: invalid size ${size}`);
     const target = alignUp(size);
     await sizeLock.exclusive(async () => {
-      if (device.virtualSize === target) return;
-      if (options.nogrow) throw fsError('EPERM', `${path}: the mount is nogrow; the size stays ${device.virtualSize}`);
-      await device.resize(target);
+      if (logicalSize === target) return;
+      if (options.nogrow) throw fsError('EPERM', `${path}: the mount is nogrow; the size stays ${logicalSize}`);
+      if (target < logicalSize || target > device.virtualSize) await device.resize(target);
+      logicalSize = target;
     });
     touched();
+  }
+
+  /** Shrink the image back to the file's size when it was grown ahead (see the module comment). */
+  function trim(): Promise<void> {
+    return sizeLock.exclusive(async () => {
+      if (device.virtualSize > logicalSize && !device.readOnly) await device.resize(logicalSize);
+    });
   }
 
   async function openView(ref: string): Promise<BlockDevice> {
@@ -374,7 +403,7 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
         case 'snapdir': return stat(S_IFDIR | 0o755, 4096, 0, dirTimes, 2);
         case 'raw': {
           const allocated = await device.allocatedBytes();
-          return stat(S_IFREG | (options.readOnly ? 0o444 : 0o644), device.virtualSize, Math.ceil(allocated / 512), raw);
+          return stat(S_IFREG | (options.readOnly ? 0o444 : 0o644), logicalSize, Math.ceil(allocated / 512), raw);
         }
         case 'inspect': {
           const latest = generated.get(node.name);
@@ -406,6 +435,7 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
           return addHandle({ kind: 'raw', writable });
         case 'inspect': {
           if (writable) refuseModification(path, 'an inspection file');
+          await trim();
           const snapshot = await ContentSnapshot.capture(node.generate(device), options.capture);
           generated.set(node.name, { size: snapshot.size, at: snapshot.generatedAt });
           return addHandle({ kind: 'content', name: node.name, snapshot });
@@ -456,7 +486,9 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
     },
 
     async fsync(path, _datasync, fh) {
-      if (handle(path, fh).kind === 'raw') await device.flush();
+      if (handle(path, fh).kind !== 'raw') return;
+      await trim();
+      await device.flush();
     },
 
     async statfs() {
@@ -478,7 +510,7 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
 
     async dispose() {
       const open = [...handles.entries()];
-      const results = await Promise.allSettled(open.map(([fh, h]) => releaseHandle(fh, h)));
+      const results = await Promise.allSettled([trim(), ...open.map(([fh, h]) => releaseHandle(fh, h))]);
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed !== undefined) throw failed.reason;
     },

@@ -214,9 +214,10 @@ export class MemoryDevice implements InspectableDevice {
     return this.snapshotList.map((s) => ({ id: s.id, name: s.name, virtualSize: s.data.length }));
   }
 
+  /** `name` is an id or a name, ids first (QEMU's lookup order). */
   async openSnapshot(name: string): Promise<BlockDevice> {
     await this.enter('openSnapshot');
-    const found = this.snapshotList.find((s) => s.name === name) ?? this.snapshotList.find((s) => s.id === name);
+    const found = this.snapshotList.find((s) => s.id === name) ?? this.snapshotList.find((s) => s.name === name);
     if (found === undefined) throw new CodedError('ENOENT', `no snapshot '${name}'`);
     const view = new MemoryDevice(found.data, { readOnly: true, clusterSize: this.clusterSize });
     this.openViews++;

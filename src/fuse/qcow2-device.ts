@@ -1,0 +1,95 @@
+/**
+ * A qcow2 image as the InspectableDevice a mount serves: Qcow2Image for the data path, and the
+ * driver's inspection functions (the same ones `qcow2fuse info/map/check` use, so the mount's
+ * inspection files say what the commands say) for info.json, map.json, layout.txt, check.json and
+ * the snapshot views. Host-file facts (actual-size, holes) come from one allocation probe per mount,
+ * closed with the image.
+ */
+import type { BlockDevice, CheckReport, InspectableDevice, LayoutEntry, MapExtent, SnapshotSummary } from '../qcow2/block-device.js';
+import { nodeHostAllocationProbe, type HostAllocationProbe } from '../io/host-allocation.js';
+import { checkImage } from '../qcow2/check.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { imageInfo } from '../qcow2/info.js';
+import { layout } from '../qcow2/layout.js';
+import { mapExtents } from '../qcow2/map.js';
+import { listSnapshots, openSnapshotView } from '../qcow2/snapshot.js';
+import type { DeviceOpenOptions } from './options.js';
+
+export class Qcow2Device implements InspectableDevice {
+  private constructor(readonly image: Qcow2Image, private readonly probe: HostAllocationProbe) {}
+
+  /** Open `path` with the mount's options (Qcow2Image.open: locks, cache mode, compression). */
+  static async open(path: string, options: DeviceOpenOptions): Promise<Qcow2Device> {
+    const image = await Qcow2Image.open(path, options);
+    return new Qcow2Device(image, nodeHostAllocationProbe());
+  }
+
+  get virtualSize(): number {
+    return this.image.virtualSize;
+  }
+
+  get readOnly(): boolean {
+    return this.image.readOnly;
+  }
+
+  read(guestOffset: number, bytes: number): Promise<Buffer> {
+    return this.image.read(guestOffset, bytes);
+  }
+
+  write(guestOffset: number, data: Uint8Array): Promise<void> {
+    return this.image.write(guestOffset, data);
+  }
+
+  writeZeroes(guestOffset: number, bytes: number): Promise<void> {
+    return this.image.writeZeroes(guestOffset, bytes);
+  }
+
+  discard(guestOffset: number, bytes: number): Promise<void> {
+    return this.image.discard(guestOffset, bytes);
+  }
+
+  flush(): Promise<void> {
+    return this.image.flush();
+  }
+
+  resize(newVirtualSize: number): Promise<void> {
+    return this.image.resize(newVirtualSize);
+  }
+
+  allocatedBytes(): Promise<number> {
+    return this.image.allocatedBytes();
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.image.close();
+    } finally {
+      this.probe.close();
+    }
+  }
+
+  infoJson(): Promise<Record<string, unknown>> {
+    return imageInfo(this.image, { probe: this.probe });
+  }
+
+  mapExtents(): AsyncIterable<MapExtent> {
+    return mapExtents(this.image, { probe: this.probe });
+  }
+
+  layout(): AsyncIterable<LayoutEntry> {
+    return layout(this.image);
+  }
+
+  check(): Promise<CheckReport> {
+    return checkImage(this.image);
+  }
+
+  listSnapshots(): SnapshotSummary[] {
+    return listSnapshots(this.image);
+  }
+
+  /** `ref` is an id or a name, ids first (QEMU's lookup order). */
+  openSnapshot(ref: string): Promise<BlockDevice> {
+    return openSnapshotView(this.image, ref);
+  }
+}
