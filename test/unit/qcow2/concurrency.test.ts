@@ -84,9 +84,9 @@ class JitterFile implements HostFile {
 
 /** Defers every hole punch on `file` until settle(): a host whose fallocate completes late. */
 class LatePunches {
-  private readonly pending: (() => Promise<boolean>)[] = [];
+  private readonly pending: (() => Promise<void>)[] = [];
   count = 0;
-  constructor(private readonly file: MemoryHostFile) {
+  constructor(file: MemoryHostFile) {
     const punch = file.punchHole.bind(file);
     file.punchHole = (offset, length) => {
       this.count++;
