@@ -242,7 +242,7 @@ describe('read-only', () => {
 
 describe('inspection files', () => {
   it('generates content at open, reports its size, keeps it per handle', async () => {
-    const { device, handlers } = setup(new MemoryDevice(4 * MiB));
+    const { handlers } = setup(new MemoryDevice(4 * MiB));
     expect((await handlers.getattr('/info.json')).size).toBe(0);
     const fh1 = await handlers.open('/info.json', constants.O_RDONLY);
     const size1 = (await handlers.getattr('/info.json')).size;
