@@ -19,6 +19,7 @@
  * Host-file facts (allocated blocks, holes) come from a HostAllocationProbe; without one, host
  * files are taken as fully allocated data.
  */
+import debugFactory from 'debug';
 import type { HostAllocationProbe } from '../io/host-allocation.js';
 import type { RawBacking } from './backing.js';
 import type { MapExtent } from './block-device.js';
@@ -38,6 +39,8 @@ export interface MapOptions {
   /** The mapping of the top layer (default: the image's active L1; a snapshot view passes its own). */
   topMap?: ClusterMap;
 }
+
+const trace = debugFactory('qcow2fuse:map');
 
 /** qemu-img probes at most this much per block-status call. */
 const PROBE_LIMIT_BYTES = 2 ** 30;
@@ -241,6 +244,7 @@ async function detectMetadataPreallocation(image: Qcow2Image, probe: HostAllocat
     } catch {
       return false; // QEMU treats a failed detection as "no preallocation"
     }
+    trace('%s: %d of %d allocated host clusters counted (threshold %d): metadata preallocation %s', path, count, realClusters, threshold, count >= threshold);
     return count >= threshold;
   });
 }

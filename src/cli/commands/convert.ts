@@ -12,6 +12,7 @@
  * parallel on the threadpool). -p shows qemu-img's progress line on stderr.
  */
 import { open, type FileHandle } from 'node:fs/promises';
+import { nodeHostAllocationProbe, type HostAllocationProbe } from '../../io/host-allocation.js';
 import { createImage, type CreateOptions } from '../../qcow2/create.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { mapEntries } from '../../qcow2/map.js';
@@ -97,10 +98,14 @@ interface Sink {
   close(): Promise<void>;
 }
 
-/** Windows of the source in guest order, each wholly zero (by mapping) or to be read. */
-async function* plan(source: Source): AsyncGenerator<{ guestOffset: number; bytes: number; zero: boolean }> {
+/**
+ * Windows of the source in guest order, each wholly zero or to be read. Zero is what qemu-img's
+ * block status says: by mapping, and host holes under preallocated clusters (so, like qemu-img, we
+ * never read those: reading unwritten extents would even turn them into "data" for SEEK_DATA).
+ */
+async function* plan(source: Source, probe: HostAllocationProbe): AsyncGenerator<{ guestOffset: number; bytes: number; zero: boolean }> {
   let pending: { guestOffset: number; bytes: number; zero: boolean } | undefined;
-  for await (const entry of mapEntries(source.image, source.topMap ? { topMap: source.topMap } : {})) {
+  for await (const entry of mapEntries(source.image, { probe, ...(source.topMap ? { topMap: source.topMap } : {}) })) {
     let pos = entry.start;
     const end = entry.start + entry.length;
     while (pos < end) {
@@ -211,7 +216,7 @@ async function qcow2Sink(path: string, virtualSize: number, options: CreateOptio
 }
 
 /** Copy every window of `source` into `sink`, reads running READ_AHEAD windows ahead of writes. */
-async function copy(source: Source, sink: Sink, onProgress: (doneBytes: number) => void): Promise<void> {
+async function copy(source: Source, sink: Sink, probe: HostAllocationProbe, onProgress: (doneBytes: number) => void): Promise<void> {
   const freeWindows: Buffer[] = [];
   const reading: { chunk: Promise<Chunk>; window?: Buffer }[] = [];
   let doneBytes = 0;
@@ -224,7 +229,7 @@ async function copy(source: Source, sink: Sink, onProgress: (doneBytes: number) 
     onProgress(doneBytes);
   };
   try {
-    for await (const w of plan(source)) {
+    for await (const w of plan(source, probe)) {
       if (w.zero) {
         reading.push({ chunk: Promise.resolve({ guestOffset: w.guestOffset, bytes: w.bytes }) });
       } else {
@@ -279,9 +284,11 @@ export async function run(argv: string[]): Promise<number> {
         process.stderr.write(progressText(source.virtualSize === 0 ? 1 : doneBytes / source.virtualSize));
       };
       showProgress(0);
+      const probe = nodeHostAllocationProbe();
       try {
-        await copy(source, sink, showProgress);
+        await copy(source, sink, probe, showProgress);
       } finally {
+        probe.close();
         await sink.close();
       }
       showProgress(source.virtualSize);
