@@ -11,7 +11,7 @@
  * - the survivor opens read-write again, takes a write, and closes without corruption (with lazy
  *   refcounts that open repairs the refcounts first, so nothing may leak either).
  * Each run is replayed once without a cut first to learn how many I/O events it has, so the cut point
- * is uniform over the run. Replay with TEST_SEED=…; POWERCUT_RUNS sets runs per configuration (default 5).
+ * is uniform over the run. Replay with TEST_SEED=…; POWERCUT_RUNS sets runs per configuration (default 6).
  */
 import { describe, expect, it, onTestFailed } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
@@ -28,7 +28,7 @@ import { requireTool } from '../../helpers/tools.js';
 
 const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
-const RUNS = Math.max(1, Number(process.env.POWERCUT_RUNS ?? '5'));
+const RUNS = Math.max(1, Number(process.env.POWERCUT_RUNS ?? '6'));
 const OPS = 40;
 
 /** Forwards to a FaultyHostFile and cuts its power just before the `cutAt`-th pwrite or fdatasync. */

@@ -8,7 +8,7 @@
  * patterns and has `qemu-io read -P` verify them.
  *
  * Seeds: the master seed is printed on failure; replay with TEST_SEED=… . More cases or longer
- * sequences: PROPERTY_CASES (random cases on top of the fixed matrix, default 4), PROPERTY_OPS
+ * sequences: PROPERTY_CASES (random cases on top of the fixed matrix, default 6), PROPERTY_OPS
  * (operations per sequence, default 40).
  */
 import { describe, expect, it, onTestFailed } from 'vitest';
@@ -286,7 +286,7 @@ describe.skipIf(!hasQemu)('write path properties: random sequences vs the model,
   const masterSeed = seedFromEnv();
   const nbOps = envInt('PROPERTY_OPS', 40);
   const caseRng = new Prng(masterSeed);
-  const cases = [...FIXED_CASES, ...Array.from({ length: envInt('PROPERTY_CASES', 4) }, () => randomCase(caseRng))];
+  const cases = [...FIXED_CASES, ...Array.from({ length: envInt('PROPERTY_CASES', 6) }, () => randomCase(caseRng))];
   cases.forEach((c, index) => {
     it(`case ${index}: ${describeCase(c)}`, async () => {
       await runSequence(tmp.path, c, (masterSeed + index * 0x9e3779b1) >>> 0, nbOps);
