@@ -57,6 +57,8 @@ export interface CheckCounters {
   corruptionsFixed: number;
   leaksFixed: number;
   imageEndOffset: number;
+  /** Of `corruptions`, those that are refcounts too low or wrong COPIED flags (what a crash with lazy refcounts leaves). */
+  refcountCorruptions: number;
   totalClusters: number;
   allocatedClusters: number;
   fragmentedClusters: number;
@@ -74,8 +76,10 @@ export class CheckFailedError extends CodedError {
   }
 }
 
-const NO_FIX: FixMode = { leaks: false, errors: false };
+export const NO_FIX: FixMode = { leaks: false, errors: false };
 const MAX_CHECK_CLUSTERS = 0x7fffffff;
+/** How far past its end the repair extends the file for a refcount block (QEMU: any distance). */
+const MAX_REFBLOCK_GROWTH_BYTES = 64 * 1024 * 1024;
 /** QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the snapshot table may not exceed 64 MiB. */
 const MAX_SNAPSHOT_TABLE_BYTES = 1024 * QCOW_MAX_SNAPSHOTS;
 const INT_MAX = 0x7fffffff;
@@ -88,12 +92,16 @@ const BME_DIR_ENTRY_BYTES = 24;
 const MAX_BITMAP_DIRECTORY_BYTES = 1024 * 65535;
 
 function zeroCounters(): CheckCounters {
-  return { checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0 };
+  return {
+    checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0, refcountCorruptions: 0,
+    totalClusters: 0, allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
+  };
 }
 
 /** QEMU's qcow2_add_check_result. */
 function addCounters(out: CheckCounters, src: CheckCounters, allocationInfo: boolean): void {
   out.corruptions += src.corruptions;
+  out.refcountCorruptions += src.refcountCorruptions;
   out.leaks += src.leaks;
   out.checkErrors += src.checkErrors;
   out.corruptionsFixed += src.corruptionsFixed;
@@ -404,8 +412,8 @@ class Checker {
       return 'overlap';
     }
     try {
+      // QEMU syncs each entry; ours are synced once per table (checkRefcountsL2).
       await this.image.file.pwrite(table.subarray(index * g.l2EntryBytes, (index + 1) * g.l2EntryBytes), entryOffsetBytes, 'l2');
-      await this.image.file.fdatasync();
     } catch (err) {
       this.log(`ERROR: Failed to overwrite L2 table entry: ${err instanceof Error ? err.message : String(err)}`);
       res.checkErrors++;
@@ -427,10 +435,23 @@ class Checker {
   /** QEMU's check_refcounts_l2. */
   private async checkRefcountsL2(res: CheckCounters, l2Offset: number, fragInfo: boolean, fix: FixMode, active: boolean): Promise<void> {
     const g = this.image.geometry;
-    const hasDataFile = this.image.hasDataFile;
+    if (l2Offset >= this.fileBytes) return; // reads as zeros: no entry to count or flag
     const table = await this.read(l2Offset, g.clusterSize);
+    const fixedBefore = res.corruptionsFixed;
+    try {
+      await this.countL2Entries(res, l2Offset, table, fragInfo, fix, active);
+    } finally {
+      if (res.corruptionsFixed !== fixedBefore) await this.image.file.fdatasync();
+    }
+  }
+
+  /** The per-entry part of check_refcounts_l2. */
+  private async countL2Entries(res: CheckCounters, l2Offset: number, table: Buffer, fragInfo: boolean, fix: FixMode, active: boolean): Promise<void> {
+    const g = this.image.geometry;
+    const hasDataFile = this.image.hasDataFile;
     let nextContiguous = 0;
     for (let i = 0; i < g.l2Entries; i++) {
+      if (isZeroEntry(table, i, g.l2EntryBytes)) continue;
       const e = readL2Entry(table, i, g);
       const kind = clusterKind(e, g, hasDataFile);
       if (kind !== 'compressed' && ((e.hi & 0x3f000000) !== 0 || (e.lo & 0x1fe) !== 0)) {
@@ -538,6 +559,7 @@ class Checker {
     const refcounts = this.image.refcounts;
     const table = await this.read(refcounts.reftableOffset, refcounts.reftableClusters * cs);
     for (let i = 0; i < table.length / 8; i++) {
+      if (table.readUInt32BE(i * 8) === 0 && table.readUInt32BE(i * 8 + 4) === 0) continue; // no refcount block
       const raw = readU64(table, i * 8);
       const offsetRaw = raw & ~0x1ffn;
       if ((raw & 0x1ffn) !== 0n) {
@@ -577,11 +599,15 @@ class Checker {
     }
   }
 
-  /** Extend the file so a refcount block past its end lies inside (check_refblocks' repair); the failure text, or undefined. */
+  /**
+   * Extend the file so a refcount block past its end lies inside (check_refblocks' repair); the
+   * failure text, or undefined. Unlike QEMU, a block more than MAX_REFBLOCK_GROWTH_BYTES past the end
+   * is not grown into (a hostile entry would make a huge sparse file): the rebuild handles it.
+   */
   private async growFileForRefblock(res: CheckCounters, offsetRaw: bigint): Promise<string | undefined> {
     const cs = this.clusterSize;
     const end = toSafeNumber(offsetRaw + BigInt(cs));
-    if (end === undefined || Math.ceil(end / cs) > MAX_CHECK_CLUSTERS) return ERRNO_TEXT.EINVAL;
+    if (end === undefined || end > this.fileBytes + MAX_REFBLOCK_GROWTH_BYTES) return ERRNO_TEXT.EFBIG;
     try {
       await this.image.file.truncate(end);
       await this.refreshFileBytes();
@@ -723,8 +749,12 @@ class Checker {
             // counted below as not fixed
           }
         }
-        if (onDisk < counted) res.corruptions++;
-        else res.leaks++;
+        if (onDisk < counted) {
+          res.corruptions++;
+          res.refcountCorruptions++;
+        } else {
+          res.leaks++;
+        }
       }
       this.progress(1);
     }
@@ -748,17 +778,20 @@ class Checker {
       const copied = (hi & 0x80000000) !== 0;
       if ((refcount === 1) !== copied) {
         res.corruptions++;
+        res.refcountCorruptions++;
         this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${rawHex(hi, lo)} refcount=${refcount}`);
         if (repair) {
           l1.buf.writeUInt32BE(refcount === 1 ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, i * 8);
           await this.writeL1Entry(res, i);
           res.corruptions--;
+          res.refcountCorruptions--;
           res.corruptionsFixed++;
         }
       }
       const table = await this.read(l2Offset, g.clusterSize);
       let dirty = 0;
       for (let j = 0; j < g.l2Entries; j++) {
+        if (isZeroEntry(table, j, g.l2EntryBytes)) continue;
         const e = readL2Entry(table, j, g);
         const kind = clusterKind(e, g, image.hasDataFile);
         if (kind !== 'normal' && kind !== 'zero-alloc') continue;
@@ -767,6 +800,7 @@ class Checker {
         const dataCopied = (e.hi & 0x80000000) !== 0;
         if ((dataRefcount === 1) !== dataCopied) {
           res.corruptions++;
+          res.refcountCorruptions++;
           this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${rawHex(e.hi, e.lo)} refcount=${dataRefcount}`);
           if (repair) {
             writeL2Entry(table, j, g, { ...e, hi: dataRefcount === 1 ? (e.hi | 0x80000000) >>> 0 : (e.hi & 0x7fffffff) >>> 0 });
@@ -789,6 +823,7 @@ class Checker {
         }
         this.forgetL2(l2Offset);
         res.corruptions -= dirty;
+        res.refcountCorruptions -= dirty;
         res.corruptionsFixed += dirty;
       }
     }
@@ -847,6 +882,7 @@ class Checker {
       this.changedLayout = true;
       await this.refreshFileBytes();
       res.corruptions = 0;
+      res.refcountCorruptions = 0;
       res.leaks = 0;
       rebuild.needed = false;
       this.refs.clear();
@@ -876,6 +912,13 @@ class Checker {
     await this.checkOflagCopied(res, this.fix);
     res.imageEndOffset = (highest + 1) * cs;
   }
+}
+
+/** Whether L2 entry `index` (with its bitmap) is all zeros: an unallocated cluster with nothing to check. */
+export function isZeroEntry(table: Buffer, index: number, entryBytes: number): boolean {
+  const pos = index * entryBytes;
+  for (let k = 0; k < entryBytes; k += 4) if (table.readUInt32BE(pos + k) !== 0) return false;
+  return true;
 }
 
 function bitmapTableEntryValid(entry: bigint, clusterSize: number): boolean {

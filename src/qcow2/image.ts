@@ -99,6 +99,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private highWaterBytes: number;
   private readonly hostInflight = new Set<InflightRange>();
   private readonly hostIdleWaiters: (() => void)[] = [];
+  private readonly background = new Set<Promise<void>>();
   private readonly guestBusy = new Map<number, GuestBusy>();
   private firstWriteDone = false;
   private closed = false;
@@ -254,7 +255,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         this.header = { ...this.header, incompatibleFeatures };
         const bits = Buffer.alloc(8);
         bits.writeBigUInt64BE(incompatibleFeatures);
-        void this.file.pwrite(bits, 72, 'header').then(() => this.file.fdatasync()).catch((err: unknown) => trace('could not set the corrupt bit: %o', err));
+        this.inBackground(this.file.pwrite(bits, 72, 'header').then(() => this.file.fdatasync()).catch((err: unknown) => trace('could not set the corrupt bit: %o', err)));
       }
       process.emitWarning(`qcow2fuse: ${error.message}; image marked corrupt, now read-only`);
     }
@@ -270,6 +271,12 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     this.header = header;
   }
 
+  /** Track host I/O nobody awaits (corrupt bit, hole punching): close() waits for it, so it never hits a reused fd. */
+  private inBackground(work: Promise<void>): void {
+    const tracked: Promise<void> = work.finally(() => this.background.delete(tracked));
+    this.background.add(tracked);
+  }
+
   private onClustersFreed(hostOffset: number, nbClusters: number): void {
     const bytes = nbClusters * this.geometry.clusterSize;
     this.decompressed.invalidate(hostOffset, bytes);
@@ -280,7 +287,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     }
     this.metadata.remove(hostOffset, bytes);
     // Give the space back to the host; failure to punch only costs space.
-    void this.file.punchHole(hostOffset, bytes).catch((err: unknown) => trace('punch hole failed: %o', err));
+    this.inBackground(this.file.punchHole(hostOffset, bytes).then(() => undefined, (err: unknown) => trace('punch hole failed: %o', err)));
   }
 
   // ------------------------------------------------------------- in-flight tracking
@@ -753,6 +760,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       }
     } finally {
       this.closed = true;
+      await Promise.allSettled([...this.background]);
       await this.backing?.close();
       if (this.hasDataFile) await this.dataFile.close();
       await this.file.close();

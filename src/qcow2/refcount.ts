@@ -64,6 +64,10 @@ export class Refcounts {
     for (let i = 0; i < bytes / 8; i++) {
       // As QEMU: reserved bits are ignored here, a bad offset is corruption where the block is used
       // (-1 stands for one beyond 2^53); check reports both.
+      if (buf.readUInt32BE(i * 8) === 0 && buf.readUInt32BE(i * 8 + 4) === 0) {
+        this.reftable.push(0);
+        continue;
+      }
       const e = decodeReftableEntry(buf, i);
       this.reftable.push(e.invalid && e.refblockOffset === 0 && readU64(buf, i * 8) > 0x1ffn ? -1 : e.refblockOffset);
     }

@@ -270,19 +270,24 @@ export function reregisterMetadata(image: Qcow2Image): void {
 
 /**
  * Repair an image opened writable with the dirty bit set (QEMU's qcow2_do_open: a check with every
- * repair). Clears the dirty bit; fails with EIO when the image cannot be repaired.
+ * repair), which clears the dirty bit. A read-only pass comes first: when it finds damage a crash
+ * with lazy refcounts cannot leave (anything but refcounts too low, leaks and COPIED flags) or
+ * cannot run, the open is refused without a write (QEMU would try and may leave a half-repaired
+ * image) — `check -r all` is the tool for that. Fails with ECORRUPT or EIO.
  */
 export async function repairDirtyImage(image: Qcow2Image): Promise<void> {
-  const { checkPassLocked } = await import('./check.js');
+  const { checkPassLocked, NO_FIX } = await import('./check.js');
+  const fail = (code: string, why: string, cause?: unknown): never => {
+    throw new CodedError(code, `${image.path}: could not repair dirty image: ${why}; run 'qcow2fuse check -r all'`, { image: image.path }, { cause });
+  };
   await image.lock.run(async () => {
-    let checkErrors: number;
-    try {
-      checkErrors = (await checkPassLocked(image, { leaks: true, errors: true }, () => undefined)).checkErrors;
-    } catch (err) {
-      throw new CodedError('EIO', `${image.path}: could not repair dirty image: ${err instanceof Error ? err.message : String(err)}`, { image: image.path }, { cause: err });
+    const quiet = (): void => undefined;
+    const survey = await checkPassLocked(image, NO_FIX, quiet).catch((err: unknown) => fail('EIO', err instanceof Error ? err.message : String(err), err));
+    if (survey.checkErrors > 0) fail('EIO', `${survey.checkErrors} check errors`);
+    if (survey.corruptions > survey.refcountCorruptions) {
+      fail('ECORRUPT', `${survey.corruptions - survey.refcountCorruptions} corruptions beyond stale refcounts`);
     }
-    if (checkErrors > 0) {
-      throw new CodedError('EIO', `${image.path}: could not repair dirty image (${checkErrors} check errors)`, { image: image.path });
-    }
+    const repaired = await checkPassLocked(image, { leaks: true, errors: true }, quiet).catch((err: unknown) => fail('EIO', err instanceof Error ? err.message : String(err), err));
+    if (repaired.checkErrors > 0) fail('EIO', `${repaired.checkErrors} check errors`);
   });
 }

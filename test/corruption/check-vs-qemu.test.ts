@@ -15,7 +15,7 @@ import { CHECK_SCENARIOS, intactRegions, makeScenarioImage } from './scenarios.j
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 
-function withoutFilename(report: Record<string, unknown> | undefined): Record<string, unknown> | undefined {
+function withoutFilename(report: { filename: string } | undefined): Record<string, unknown> | undefined {
   if (report === undefined) return undefined;
   const { filename: _filename, ...rest } = report;
   return rest;
