@@ -82,10 +82,10 @@ export class SnapshotView implements BlockDevice {
     throw new Qcow2ReadOnlyError(this.image.path, `snapshot '${this.snapshot.name}' is a read-only view`);
   }
 
-  async write(): Promise<void> { this.refuse(); }
-  async writeZeroes(): Promise<void> { this.refuse(); }
-  async discard(): Promise<void> { this.refuse(); }
-  async resize(): Promise<void> { this.refuse(); }
+  async write(_guestOffset: number, _data: Uint8Array): Promise<void> { this.refuse(); }
+  async writeZeroes(_guestOffset: number, _bytes: number): Promise<void> { this.refuse(); }
+  async discard(_guestOffset: number, _bytes: number): Promise<void> { this.refuse(); }
+  async resize(_newVirtualSize: number): Promise<void> { this.refuse(); }
   async flush(): Promise<void> { this.checkOpen(); }
 
   /** Host bytes the snapshot references: its L1 and L2 tables and its data clusters (compressed: their sectors). */

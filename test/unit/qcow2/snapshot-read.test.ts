@@ -101,7 +101,7 @@ describe.skipIf(!hasQemu)('snapshot reads equal qemu-img convert -l', () => {
           // By id: the same snapshot; by default the view has the size recorded in the snapshot.
           const byId = await openSnapshotView(ours, String(i + 1));
           expect(byId.snapshot.name).toBe(name);
-          expect(byId.virtualSize).toBe(recorded[i]!.sizeBytes);
+          expect(byId.virtualSize).toBe(recorded[i].sizeBytes);
           expect((await byId.read(0, byId.virtualSize)).equals(want.subarray(0, byId.virtualSize))).toBe(true);
           await byId.close();
           await view.close();
@@ -123,7 +123,7 @@ describe.skipIf(!hasQemu)('snapshot reads equal qemu-img convert -l', () => {
   it('keeps a snapshot view unchanged while the active layer is written, and the image stays clean', async () => {
     const image = join(tmp.path, 'img.qcow2');
     await qemuImgOk(['create', '-q', '-f', 'qcow2', image, '16M']);
-    const first = (await history(image, 64 * 1024, true))[0]!.name;
+    const first = (await history(image, 64 * 1024, true))[0].name;
     const want = await qemuSnapshotRaw(image, tmp.path, first);
     const ours = await Qcow2Image.open(image, { readOnly: false });
     try {
