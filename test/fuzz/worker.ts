@@ -63,7 +63,7 @@ async function fileHash(path: string, ignoreCorruptBit = false): Promise<string>
   const hash = createHash('sha256');
   let position = 0;
   for await (const chunk of createReadStream(path) as AsyncIterable<Buffer>) {
-    if (ignoreCorruptBit && position <= 79 && position + chunk.length > 79) chunk[79 - position] = chunk[79 - position]! & ~0x02;
+    if (ignoreCorruptBit && position <= 79 && position + chunk.length > 79) chunk[79 - position] = chunk[79 - position] & ~0x02;
     hash.update(chunk);
     position += chunk.length;
   }
