@@ -7,7 +7,7 @@
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { HostFile, HostFileOpener } from '../io/host-file.js';
 import { MAX_BACKING_DEPTH, QCOW2_MAGIC } from './constants.js';
-import { Qcow2FormatError, Qcow2UnsupportedError } from './errors.js';
+import { CodedError, Qcow2FormatError, Qcow2UnsupportedError } from './errors.js';
 
 /** The read side of any image in a chain. */
 export interface BackingReader {
@@ -75,7 +75,14 @@ export async function openBacking(imagePath: string, name: string, format: strin
   if (format !== undefined && format !== 'qcow2' && format !== 'raw') {
     throw new Qcow2UnsupportedError('EUNSUPPORTED', `backing file format '${format}' is not supported (qcow2 and raw are)`, { image: imagePath, structure: 'header', field: 'backing_format', value: format });
   }
-  const file = await ctx.opener(path, { readOnly: true, lock: true });
+  let file: HostFile;
+  try {
+    file = await ctx.opener(path, { readOnly: true, lock: true });
+  } catch (err) {
+    // Name the image that wants it: the opener's error names only the backing file.
+    const message = err instanceof Error ? err.message : String(err);
+    throw new CodedError(err instanceof CodedError ? err.code : 'EIO', `${imagePath}: cannot open backing file ${path}: ${message}`, { image: imagePath, backing: path }, { cause: err });
+  }
   try {
     let actual = format;
     if (actual === undefined) {
