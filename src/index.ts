@@ -6,6 +6,10 @@ export type { BlockDevice, InspectableDevice, MapExtent, LayoutEntry, CheckRepor
 export { CodedError } from './io/errors.js';
 export { Qcow2CorruptError, Qcow2FormatError, Qcow2UnsupportedError, Qcow2ReadOnlyError, Qcow2RangeError } from './qcow2/errors.js';
 export type { HostFile, HostFileOpenOptions } from './io/host-file.js';
+export { imageInfo, qemuDictOrder, type InfoOptions } from './qcow2/info.js';
+export { mapEntries, mapExtents, mapEntryJson, mapJsonChunks, type MapEntry, type MapOptions } from './qcow2/map.js';
+export { findSnapshot, listSnapshots, openSnapshotView, SnapshotView, type SnapshotRef, type SnapshotViewOptions } from './qcow2/snapshot.js';
+export { nodeHostAllocationProbe, type HostAllocationProbe, type HostExtent } from './io/host-allocation.js';
 
 import { Qcow2Image, type Qcow2OpenOptions } from './qcow2/image.js';
 
