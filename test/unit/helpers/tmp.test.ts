@@ -1,7 +1,9 @@
+import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { sweepStaleRuns } from '../../helpers/global-setup.js';
 import { makeTempDir, removeTempDir, supportsDirectIo, tempBase, tempDir, TEMP_PREFIX, useTempDir, withTempDir } from '../../helpers/tmp.js';
 
 describe('temp dirs', () => {
@@ -67,5 +69,23 @@ describe('temp dirs', () => {
       expect(existsSync(previous)).toBe(false);
       expect(tmp.file('b')).toBe(join(tmp.path, 'b'));
     });
+  });
+});
+
+describe('sweepStaleRuns (global setup)', () => {
+  it('removes run dirs of dead vitest processes and keeps live ones', async () => {
+    const base = await tempDir('sweep');
+    const exited = spawnSync('true');
+    const dead = join(base, `${TEMP_PREFIX}run${exited.pid}-dead`);
+    const live = join(base, `${TEMP_PREFIX}run${process.pid}-live`);
+    const other = join(base, `${TEMP_PREFIX}tmp-unrelated`);
+    for (const dir of [dead, live, other]) {
+      await mkdir(join(dir, 'sub'), { recursive: true });
+      await writeFile(join(dir, 'sub/f'), 'x');
+    }
+    expect(await sweepStaleRuns(base)).toEqual([dead]);
+    expect(existsSync(dead)).toBe(false);
+    expect(existsSync(live)).toBe(true);
+    expect(existsSync(other)).toBe(true);
   });
 });
