@@ -3,7 +3,8 @@
  *
  * serveMount: run one mount in this process until it ends — signals (SIGINT, SIGTERM, SIGHUP), an
  * external umount/fusermount -u, or `qcow2fuse unmount` — then close the image. It records the daemon
- * in the runtime directory (runtime.ts) while the mount is live.
+ * in the runtime directory (runtime.ts) while the mount is live. An exception nothing caught (a bug)
+ * is logged and ends the mount the same way, so the image is still flushed and closed.
  *
  * startBackgroundMount: the parent side of the default (background) mount. It spawns the daemon as a
  * detached process (its output going to a log file in the runtime directory) and returns only once the
@@ -60,6 +61,14 @@ export async function serveMount(req: ServeRequest): Promise<number> {
   };
   const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
   for (const signal of signals) process.on(signal, onSignal);
+  let fatal = false;
+  const onFatal = (err: unknown) => {
+    fatal = true;
+    log(`fatal: ${err instanceof Error ? err.stack ?? err.message : String(err)}`);
+    void session.stop('fatal error').catch(() => undefined);
+  };
+  process.on('uncaughtException', onFatal);
+  process.on('unhandledRejection', onFatal);
   try {
     try {
       await writeState(state, req.runtimeDir);
@@ -76,9 +85,11 @@ export async function serveMount(req: ServeRequest): Promise<number> {
       return 1;
     }
     await removeState(session.mountpoint, req.runtimeDir);
-    return 0;
+    return fatal ? 1 : 0;
   } finally {
     for (const signal of signals) process.off(signal, onSignal);
+    process.off('uncaughtException', onFatal);
+    process.off('unhandledRejection', onFatal);
   }
 }
 

@@ -37,13 +37,16 @@ export class MountError extends CodedError {
 
 /**
  * fuse-native's per-operation watchdog: it answers ETIMEDOUT after 15 s. Off for everything that can
- * legitimately take long (a flush of a large writeback cache, a resize, a check of a huge image);
- * kept for metadata operations, where a hang is a bug.
+ * legitimately take long (a flush of a large writeback cache, a resize, a check of a huge image, and
+ * getattr, whose st_blocks waits for the image's metadata lock); kept for the rest, where a hang is a bug.
  */
 export const WATCHDOG: Readonly<Record<string, number | false>> = {
   default: 15_000, read: false, write: false, flush: false, fsync: false, truncate: false, ftruncate: false,
-  open: false, release: false,
+  open: false, release: false, getattr: false,
 };
+
+/** libfuse's own request trace (its `debug` option) is on when DEBUG names this namespace. */
+const LIBFUSE_DEBUG = 'qcow2fuse:libfuse';
 
 interface FuseInstance {
   readonly mnt: string;
@@ -65,19 +68,21 @@ function loadFuseNative(): NonNullable<typeof fuseNative> {
   const Fuse = require('fuse-native') as FuseConstructor;
   const binding = (require('node-gyp-build') as (dir: string) => FuseBinding)(dirname(require.resolve('fuse-native/package.json')));
 
-  /** fuse-native's Fuse with our libfuse options appended to its own (it has no setting for most of them). */
+  /**
+   * fuse-native's Fuse with our libfuse options instead of its own (it has no setting for most of
+   * them, and turns libfuse's debug output on for any DEBUG containing '*').
+   */
   class Qcow2Fuse extends Fuse {
-    private readonly extraOptions: readonly string[];
+    private readonly libfuseOptions: readonly string[];
 
     constructor(mnt: string, ops: FuseNativeOps, options: readonly string[]) {
       super(mnt, ops, { timeout: WATCHDOG });
-      this.extraOptions = options;
+      this.libfuseOptions = options;
     }
 
     override _fuseOptions(): string {
-      const base = super._fuseOptions();
-      const ours = this.extraOptions.join(',');
-      return base === '' ? `-o${ours}` : `${base},${ours}`;
+      const debug = (process.env.DEBUG ?? '').split(/[\s,]+/).includes(LIBFUSE_DEBUG);
+      return `-o${[...this.libfuseOptions, ...(debug ? ['debug'] : [])].join(',')}`;
     }
   }
   fuseNative = { Qcow2Fuse, binding };
@@ -317,15 +322,20 @@ export class MountSession {
     } catch (err) {
       this.log(`could not unmount ${this.mountpoint} (${(err as Error).message}); closing the image anyway`);
     }
-    await this.adapter.drained();
+    if (this.adapter.inFlight() > 0) {
+      this.log(`waiting for ${this.adapter.inFlight()} request(s) in flight`);
+      await this.adapter.drained();
+    }
     let failure: Error | undefined;
     const asError = (err: unknown) => (err instanceof Error ? err : new Error(String(err)));
     try {
+      this.log(`releasing ${this.handlers.openHandles()} open handle(s)`);
       await this.handlers.dispose();
     } catch (err) {
       failure = asError(err);
     }
     try {
+      this.log(`closing ${this.image}`);
       await this.device.close();
     } catch (err) {
       failure ??= asError(err);

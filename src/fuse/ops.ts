@@ -260,6 +260,9 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
   const sizeLock = new RwLock();
   /** The file's size (st_size); the device is at least this big, and zero beyond it. */
   let logicalSize = device.virtualSize;
+  /** The allocatedBytes() call in progress: concurrent getattrs share it (it may scan the refcounts). */
+  let allocatedQuery: Promise<number> | undefined;
+  const allocatedBytes = () => (allocatedQuery ??= device.allocatedBytes().finally(() => { allocatedQuery = undefined; }));
 
   const readOnlyError = (path: string) => fsError('EROFS', `${path}: the mount is read-only`);
 
@@ -402,7 +405,7 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
         case 'root': return stat(S_IFDIR | 0o755, 4096, 0, dirTimes, 3);
         case 'snapdir': return stat(S_IFDIR | 0o755, 4096, 0, dirTimes, 2);
         case 'raw': {
-          const allocated = await device.allocatedBytes();
+          const allocated = await allocatedBytes();
           return stat(S_IFREG | (options.readOnly ? 0o444 : 0o644), logicalSize, Math.ceil(allocated / 512), raw);
         }
         case 'inspect': {

@@ -15,6 +15,9 @@
  *
  * The attribute timeout defaults to 0 because the inspection files change size every time they are
  * generated (on open), and the kernel must see the new size before it reads.
+ *
+ * Tracing: DEBUG=qcow2fuse:fuse traces every FUSE operation; DEBUG=qcow2fuse:libfuse adds libfuse's
+ * own request log (its `debug` option).
  */
 import { fsError } from './errno.js';
 

@@ -7,7 +7,8 @@
  * writable mount is refused with a LockError), written back (truncated to the virtual size) and
  * unlocked on close. Sibling files IMAGE.snapshot.NAME appear as internal snapshots NAME.
  * Environment knobs: QCOW2FUSE_TEST_CLOSE_DELAY_MS delays close (to prove unmount waits for it),
- * QCOW2FUSE_TEST_CLOSE_FAIL=1 makes close fail with EIO after writing back.
+ * QCOW2FUSE_TEST_CLOSE_FAIL=1 makes close fail with EIO after writing back,
+ * QCOW2FUSE_TEST_BUG_ON_SIGUSR2=1 makes SIGUSR2 throw an exception nothing catches (a stand-in for a bug).
  */
 import { closeSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -32,6 +33,7 @@ const openMemoryImage: DeviceOpener = async (path, options) => {
   const snapshots = readdirSync(dirname(path)).filter((f) => f.startsWith(prefix)).sort()
     .map((f, i) => ({ id: String(i + 1), name: f.slice(prefix.length), data: readFileSync(join(dirname(path), f)) }));
   const device = new MemoryDevice(readFileSync(path), { readOnly: options.readOnly, filename: path, snapshots });
+  if (process.env.QCOW2FUSE_TEST_BUG_ON_SIGUSR2 === '1') process.on('SIGUSR2', () => { throw new Error('injected bug'); });
   const close = device.close.bind(device);
   let done = false;
   device.close = async () => {

@@ -363,6 +363,24 @@ describe.skipIf(!ready)('mount over a memory device', () => {
     }
   });
 
+  it('an uncaught exception in the daemon still ends in a clean close', async () => {
+    const f = await fixture(MiB, { QCOW2FUSE_TEST_BUG_ON_SIGUSR2: '1' });
+    try {
+      const pid = await mount(f);
+      await ddBoth(f, [`if=${f.image}`, 'bs=4k', 'count=2', 'seek=11', 'conv=notrunc']);
+      process.kill(pid, 'SIGUSR2');
+      await waitForExit(pid);
+      await waitForUnmount(f.mnt);
+      unregisterMount(f.mnt);
+      await expectSameFile(f.image, f.model);
+      const log = await readFile(join(f.runtime, (await readdir(f.runtime)).find((n) => n.endsWith('.log')) as string), 'utf8');
+      expect(log).toMatch(/fatal: Error: injected bug/);
+      expect(log).toMatch(/closed .*image\.raw\n$/);
+    } finally {
+      await cleanup(f);
+    }
+  });
+
   it('a close that fails is reported by qcow2fuse unmount', async () => {
     const f = await fixture(MiB, { QCOW2FUSE_TEST_CLOSE_FAIL: '1' });
     try {

@@ -361,3 +361,17 @@ describe('statfs, utimens, refusals', () => {
     expect(await errCode(handlers.open('/', constants.O_RDONLY))).toBe('EISDIR');
   });
 });
+
+describe('st_blocks', () => {
+  it('concurrent getattrs share one allocatedBytes() call', async () => {
+    const { device, handlers } = setup();
+    const release = device.hold('allocatedBytes');
+    const stats = Promise.all([handlers.getattr('/disk.raw'), handlers.getattr('/disk.raw'), handlers.getattr('/disk.raw')]);
+    await new Promise((r) => setTimeout(r, 5));
+    release();
+    expect(new Set((await stats).map((s) => s.blocks)).size).toBe(1);
+    expect(device.calls.allocatedBytes).toBe(1);
+    await handlers.getattr('/disk.raw');
+    expect(device.calls.allocatedBytes).toBe(2);
+  });
+});
