@@ -435,6 +435,28 @@ export class ClusterMap {
     }
   }
 
+  /**
+   * Link a compressed chunk as the entry of guest cluster `clusterIndex` (its refcounts are already
+   * counted) and release what the old entry held.
+   */
+  async linkCompressed(clusterIndex: number, entry: RawL2Entry): Promise<void> {
+    const guestOffset = clusterIndex * this.g.clusterSize;
+    const h = await this.getL2SliceForWrite(guestOffset);
+    let old: RawL2Entry;
+    try {
+      const index = this.g.l2IndexInSlice(guestOffset);
+      old = readL2Entry(h.buf, index, this.g);
+      this.checkEntry(old, h.offset, index);
+      if (!this.ctx.lazyRefcounts()) await this.ctx.l2Cache.dependsOn(this.ctx.refcountCache);
+      this.ctx.l2Cache.dependsOnFlush();
+      writeL2Entry(h.buf, index, this.g, entry);
+      this.ctx.l2Cache.markDirty(h);
+    } finally {
+      await this.ctx.l2Cache.put(h);
+    }
+    await this.freeEntry(old);
+  }
+
   /** Undo an allocation whose data write failed: the clusters were never linked. */
   async abortAlloc(plan: ClusterWritePlan): Promise<void> {
     if (plan.mode === 'alloc' && !this.ctx.hasDataFile) {

@@ -138,44 +138,41 @@ export async function createImage(path: string, options: CreateOptions): Promise
 }
 
 /**
- * Allocate L2 tables and data clusters for the whole disk (QEMU's preallocation=metadata), then
- * reserve (falloc) or write (full) the data area.
+ * Allocate L2 tables and data clusters for the whole disk (QEMU's preallocation=metadata), and
+ * reserve (falloc) or write (full) the data area — each run before the L2 entries that point at it
+ * are linked, so a failure leaves leaks, never entries pointing past the end of the file.
  */
 async function preallocate(image: Qcow2Image, mode: Exclude<Preallocation, 'off'>): Promise<void> {
   const g = image.geometry;
   const nbClusters = g.sizeToClusters(image.virtualSize);
-  const perSlice = g.l2SliceEntries;
-  const ranges: { hostOffset: number; bytes: number }[] = [];
-  for (let first = 0; first < nbClusters; first += perSlice) {
-    const n = Math.min(perSlice, nbClusters - first);
+  const target: HostFile = image.dataFile;
+  let end = 0;
+  for (let first = 0; first < nbClusters; first += g.l2SliceEntries) {
+    const n = Math.min(g.l2SliceEntries, nbClusters - first);
+    const hostOffset = image.hasDataFile ? first * g.clusterSize : await image.lock.run(() => image.refcounts.allocClusters(n));
+    const bytes = n * g.clusterSize;
+    if (mode === 'falloc') {
+      await target.allocate(hostOffset, bytes, false);
+    } else if (mode === 'full') {
+      const zeros = Buffer.alloc(Math.min(bytes, 4 * 1024 * 1024));
+      for (let done = 0; done < bytes; done += zeros.length) await target.pwrite(zeros.subarray(0, Math.min(zeros.length, bytes - done)), hostOffset + done, 'zero');
+    }
+    end = Math.max(end, hostOffset + bytes);
     await image.lock.run(async () => {
       const h = await image.activeMap.getL2SliceForWrite(first * g.clusterSize);
       try {
-        const hostOffset = image.hasDataFile ? first * g.clusterSize : await image.refcounts.allocClusters(n);
         for (let i = 0; i < n; i++) {
           const entry = makeNormalEntry(hostOffset + i * g.clusterSize, true, g.extendedL2 ? 0xffffffff : 0, 0);
           writeL2Entry(h.buf, g.l2IndexInSlice((first + i) * g.clusterSize), g, entry);
         }
         await image.l2Cache.dependsOn(image.refcountCache);
+        image.l2Cache.dependsOnFlush();
         image.l2Cache.markDirty(h);
-        const last = ranges[ranges.length - 1];
-        if (last && last.hostOffset + last.bytes === hostOffset) last.bytes += n * g.clusterSize;
-        else ranges.push({ hostOffset, bytes: n * g.clusterSize });
       } finally {
         await image.l2Cache.put(h);
       }
     });
   }
-  const target: HostFile = image.dataFile;
-  for (const r of ranges) {
-    if (mode === 'falloc') {
-      await target.allocate(r.hostOffset, r.bytes, false);
-    } else if (mode === 'full') {
-      const zeros = Buffer.alloc(Math.min(r.bytes, 4 * 1024 * 1024));
-      for (let done = 0; done < r.bytes; done += zeros.length) await target.pwrite(zeros.subarray(0, Math.min(zeros.length, r.bytes - done)), r.hostOffset + done, 'zero');
-    }
-  }
-  const end = ranges.reduce((m, r) => Math.max(m, r.hostOffset + r.bytes), 0);
   if (mode === 'metadata' && end > await target.size()) await target.truncate(end);
   await image.flush();
 }

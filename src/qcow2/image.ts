@@ -15,6 +15,7 @@ import { BackingReader, openBacking } from './backing.js';
 import type { BlockDevice } from './block-device.js';
 import { ClusterMap, type ClusterWritePlan, type L1Table, type ReadSegment } from './cluster-map.js';
 import { compressionTypeName, decompressCluster, DecompressedCache, type CompressionType } from './compression.js';
+import { CompressedWriter, type CompressedWriterOptions } from './compressed-writer.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, DEFAULT_L2_CACHE_MAX_BYTES, DEFAULT_L2_SLICE_BYTES, HEADER_V3_MIN_BYTES,
   INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MIN_REFCOUNT_CACHE_TABLES,
@@ -55,6 +56,10 @@ export interface Qcow2OpenOptions {
    * snapshot table is left to the check to read, and a dirty image is not repaired on open.
    */
   check?: boolean;
+  /** Store every full guest cluster written compressed (mount -o compress, convert -c). */
+  compress?: boolean;
+  /** Tuning of the compressed writer. */
+  compressedWriter?: CompressedWriterOptions;
   /** Internal: the chain of images above this one (backing opens). */
   chain?: string[];
   /** Internal: an already opened host file for `path`. */
@@ -104,6 +109,12 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private firstWriteDone = false;
   private closed = false;
   private readonly preallocate: boolean;
+  /** Host ranges freed but not yet punched (see onClustersFreed). */
+  private readonly punchQueue = new RangeQueue();
+  /** Second handle (O_DIRECT) for compressed host clusters. */
+  private directFile: HostFile | undefined;
+  /** Set when the image stores writes compressed. */
+  private compressedWriter: CompressedWriter | undefined;
 
   private constructor(path: string, file: HostFile, dataFile: HostFile, header: Qcow2Header, l1: L1Table, backing: BackingReader | undefined,
     options: Qcow2OpenOptions, fileBytes: number) {
@@ -143,6 +154,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       signalCorruption: (fatal, message, context) => this.signalCorruption(fatal, message, context),
       writeReftableLocation: (offset, clusters) => this.updateHeader({ refcountTableOffset: offset, refcountTableClusters: clusters }),
       onClustersFreed: (hostOffset, nbClusters) => this.onClustersFreed(hostOffset, nbClusters),
+      onClustersAllocated: (hostOffset, nbClusters) => this.punchQueue.remove(hostOffset, hostOffset + nbClusters * this.geometry.clusterSize),
+      fileBytes: () => (this.file as SizeTrackingFile).sizeBytes,
     });
     this.activeMap = new ClusterMap({
       image: path, file, dataFile, hasDataFile: dataFile !== file, geometry: g, version: header.version, l2Cache: this.l2Cache,
@@ -210,6 +223,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         image.metadata.add('snapshot-table', header.snapshotsOffset, table.tableBytes);
         for (const s of table.entries) image.metadata.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
       }
+      if (options.compress && !options.readOnly) await image.startCompressedWriter(opener, options.compressedWriter);
       if (!options.readOnly && options.check !== true && hasBit(header.incompatibleFeatures, INCOMPAT_DIRTY)) {
         const { repairDirtyImage } = await import('./repair.js');
         await repairDirtyImage(image);
@@ -219,6 +233,61 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     } catch (err) {
       for (const fn of cleanup.reverse()) await fn().catch(() => undefined);
       throw err;
+    }
+  }
+
+  /**
+   * Route writes through a CompressedWriter. Compressed host clusters go out through a second,
+   * O_DIRECT handle (they must not fill the host page cache); where the filesystem refuses O_DIRECT a
+   * warning is printed and buffered writes are followed by fadvise(DONTNEED).
+   */
+  private async startCompressedWriter(opener: HostFileOpener, options: CompressedWriterOptions | undefined): Promise<void> {
+    if (this.hasDataFile) {
+      throw new CodedError('EINVAL', `${this.path}: compressed writes are impossible with an external data file`, { image: this.path });
+    }
+    if (this.geometry.maxRefcount < 3) {
+      throw new CodedError('EINVAL', `${this.path}: compressed writes need refcount_bits of 2 or more`, { image: this.path });
+    }
+    const tracked = this.file as SizeTrackingFile;
+    let direct: HostFile;
+    try {
+      direct = await opener(this.path, { readOnly: false, direct: true, lock: false });
+    } catch (err) {
+      const message = err instanceof Error ? err.message : String(err);
+      process.emitWarning(`qcow2fuse: ${this.path}: O_DIRECT refused (${message}); compressed data is written buffered and dropped from the page cache`);
+      direct = new DropCacheFile(tracked);
+    }
+    const directTracked = new SizeTrackingFile(direct, tracked.sizeBytes);
+    directTracked.onWrite = (end) => tracked.noteWrite(end);
+    this.directFile = directTracked;
+    this.compressedWriter = new CompressedWriter({
+      geometry: this.geometry,
+      compressionType: this.compressionType,
+      directFile: directTracked,
+      maxRefcount: this.geometry.maxRefcount,
+      locked: (fn) => this.lock.run(fn),
+      readCurrent: (guestOffset, buf) => this.readIntoMap(this.activeMap, guestOffset, buf, false),
+      writeUncompressed: (guestOffset, data) => this.writeNormal(guestOffset, data),
+      zeroCluster: (clusterIndex) => this.zeroClusterForCompress(clusterIndex),
+      allocClustersLocked: (n) => this.refcounts.allocClusters(n),
+      updateRefcountLocked: (hostClusterIndex, addend) => addend < 0
+        ? this.activeMap.freeHostClusters(hostClusterIndex * this.geometry.clusterSize, this.geometry.clusterSize)
+        : this.refcounts.updateRefcount(hostClusterIndex * this.geometry.clusterSize, this.geometry.clusterSize, addend),
+      linkCompressedLocked: (guestClusterIndex, entry) => this.activeMap.linkCompressed(guestClusterIndex, entry),
+    }, options);
+  }
+
+  /** A compressed write found an all-zero cluster: unallocated when nothing shows through, else a zero cluster. */
+  private async zeroClusterForCompress(clusterIndex: number): Promise<void> {
+    const g = this.geometry;
+    const start = clusterIndex * g.clusterSize;
+    const end = Math.min(start + g.clusterSize, this.virtualSize);
+    if (this.backing === undefined) {
+      await this.forEachClusterRun(start, end, (first, n) => this.activeMap.replaceEntries(first, n, (old) => this.activeMap.discardEntryFor(old, true)));
+    } else if (this.header.version >= 3) {
+      await this.forEachClusterRun(start, end, (first, n) => this.activeMap.replaceEntries(first, n, (old) => this.activeMap.zeroEntryFor(old)));
+    } else {
+      await this.writeNormal(start, Buffer.alloc(end - start));
     }
   }
 
@@ -286,8 +355,17 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       this.refcountCache.discard(offset);
     }
     this.metadata.remove(hostOffset, bytes);
-    // Give the space back to the host; failure to punch only costs space.
-    this.inBackground(this.file.punchHole(hostOffset, bytes).then(() => undefined, (err: unknown) => trace('punch hole failed: %o', err)));
+    // The space goes back to the host only once the freeing is durable (flushLocked), and not at
+    // all if the clusters are allocated again first: punching earlier could zero a cluster an
+    // on-disk L2 entry still points to (crash) or one that was already reused.
+    this.punchQueue.add(hostOffset, hostOffset + bytes);
+  }
+
+  /** Punch the holes queued by frees; called after the caches are flushed and synced. */
+  private async processPunches(): Promise<void> {
+    for (const [start, end] of this.punchQueue.take()) {
+      await this.file.punchHole(start, end - start).catch((err: unknown) => trace('punch hole failed: %o', err));
+    }
   }
 
   // ------------------------------------------------------------- in-flight tracking
@@ -355,28 +433,34 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   async read(guestOffset: number, bytes: number): Promise<Buffer> {
     this.checkRange(guestOffset, bytes);
     const buf = Buffer.allocUnsafe(bytes);
-    await this.readIntoMap(this.activeMap, guestOffset, buf);
+    await this.readIntoMap(this.activeMap, guestOffset, buf, true);
     return buf;
   }
 
   /** BackingReader: reads past the virtual size return zeros. */
   async readInto(guestOffset: number, buf: Buffer): Promise<void> {
     const inside = Math.max(0, Math.min(buf.length, this.virtualSize - guestOffset));
-    if (inside > 0) await this.readIntoMap(this.activeMap, guestOffset, buf.subarray(0, inside));
+    if (inside > 0) await this.readIntoMap(this.activeMap, guestOffset, buf.subarray(0, inside), true);
     if (inside < buf.length) buf.fill(0, inside);
   }
 
-  /** Read guest bytes through `map` (active or a snapshot's) into `buf`. */
-  async readIntoMap(map: ClusterMap, guestOffset: number, buf: Buffer): Promise<void> {
+  /**
+   * Read guest bytes through `map` (active or a snapshot's) into `buf`. With `withPending`, data the
+   * compressed writer still holds for these clusters is laid over what the mapping gives.
+   */
+  async readIntoMap(map: ClusterMap, guestOffset: number, buf: Buffer, withPending: boolean): Promise<void> {
     let done = 0;
     while (done < buf.length) {
       const segments: ReadSegment[] = [];
       const ranges: InflightRange[] = [];
+      let overlay: ((out: Buffer) => void) | undefined;
+      const start = guestOffset + done;
       const covered = await this.lock.run(async () => {
         let n = 0;
         // Map up to 64 slices' worth per lock hold.
-        for (let i = 0; i < 64 && done + n < buf.length; i++) n += await map.mapForRead(guestOffset + done + n, buf.length - done - n, segments);
+        for (let i = 0; i < 64 && done + n < buf.length; i++) n += await map.mapForRead(start + n, buf.length - done - n, segments);
         for (const s of segments) if (s.kind === 'data' && !this.hasDataFile) ranges.push(this.addHostInflight(s.hostOffset, s.bytes));
+        if (withPending && map === this.activeMap) overlay = this.compressedWriter?.overlayFor(start, n);
         return n;
       });
       try {
@@ -384,6 +468,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       } finally {
         for (const r of ranges) this.removeHostInflight(r);
       }
+      overlay?.(buf.subarray(done, done + covered));
       done += covered;
     }
   }
@@ -462,6 +547,15 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     this.checkRange(guestOffset, data.length);
     if (data.length === 0) return;
     await this.prepareFirstWrite();
+    if (this.compressedWriter) {
+      await this.compressedWriter.write(guestOffset, data);
+      return;
+    }
+    await this.writeNormal(guestOffset, data);
+  }
+
+  /** The uncompressed write path: allocate, COW, write data, link. */
+  private async writeNormal(guestOffset: number, data: Uint8Array): Promise<void> {
     const src = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     let done = 0;
     while (done < src.length) {
@@ -624,6 +718,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     this.checkRange(guestOffset, bytes);
     if (bytes === 0) return;
     await this.prepareFirstWrite();
+    await this.compressedWriter?.flush();
     const g = this.geometry;
     const end = guestOffset + bytes;
     const alignedStart = Math.ceil(guestOffset / g.clusterSize) * g.clusterSize;
@@ -684,6 +779,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     this.assertWritable();
     this.checkRange(guestOffset, bytes);
     await this.prepareFirstWrite();
+    await this.compressedWriter?.flush();
     const g = this.geometry;
     const end = guestOffset + bytes;
     const alignedStart = Math.ceil(guestOffset / g.clusterSize) * g.clusterSize;
@@ -696,6 +792,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   /** Write back every cache in order (refcounts before L2) and fdatasync: everything written is durable. */
   async flush(): Promise<void> {
     if (this.readOnly || this.closed) return;
+    await this.compressedWriter?.flush();
     await this.lock.run(() => this.flushLocked());
   }
 
@@ -703,6 +800,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     await this.l2Cache.flush();
     await this.refcountCache.flush();
     await this.file.fdatasync();
+    await this.processPunches();
     if (this.hasDataFile) await this.dataFile.fdatasync();
   }
 
@@ -717,6 +815,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       throw new CodedError('EINVAL', `${this.path}: cannot shrink an image with internal snapshots`, { image: this.path });
     }
     await this.prepareFirstWrite();
+    await this.compressedWriter?.flush();
     const g = this.geometry;
     const oldSize = this.virtualSize;
     if (newVirtualSize === oldSize) return;
@@ -751,6 +850,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     if (this.closed) return;
     try {
       if (!this.readOnly) {
+        await this.compressedWriter?.close();
         await this.lock.run(async () => {
           await this.flushLocked();
           if (hasBit(this.header.incompatibleFeatures, INCOMPAT_DIRTY)) {
@@ -762,6 +862,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       this.closed = true;
       await Promise.allSettled([...this.background]);
       await this.backing?.close();
+      if (this.directFile) await this.directFile.close();
       if (this.hasDataFile) await this.dataFile.close();
       await this.file.close();
     }
@@ -794,7 +895,13 @@ class SizeTrackingFile implements HostFile {
   async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     this.onWrite(hostOffset + buf.length);
     await this.inner.pwrite(buf, hostOffset, point);
-    this.sizeBytes = Math.max(this.sizeBytes, hostOffset + buf.length);
+    this.noteWrite(hostOffset + buf.length);
+  }
+
+  /** Record a write that reached the file through another handle. */
+  noteWrite(endBytes: number): void {
+    this.onWrite(endBytes);
+    this.sizeBytes = Math.max(this.sizeBytes, endBytes);
   }
 
   fdatasync(): Promise<void> { return this.inner.fdatasync(); }
@@ -825,4 +932,67 @@ class SizeTrackingFile implements HostFile {
 
   dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
   close(): Promise<void> { return this.inner.close(); }
+}
+
+/** Buffered stand-in for an O_DIRECT handle: every write is followed by fadvise(DONTNEED). */
+class DropCacheFile implements HostFile {
+  private readonly inner: HostFile;
+
+  constructor(inner: HostFile) { this.inner = inner; }
+
+  get path(): string { return this.inner.path; }
+  get readOnly(): boolean { return this.inner.readOnly; }
+  get direct(): boolean { return false; }
+  get dioAlignment(): number { return this.inner.dioAlignment; }
+  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.inner.pread(buf, hostOffset, point); }
+
+  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+    await this.inner.pwrite(buf, hostOffset, point);
+    await this.inner.fdatasync();
+    await this.inner.dropCache(hostOffset, buf.length);
+  }
+
+  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
+  size(): Promise<number> { return this.inner.size(); }
+  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
+  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.zeroRange(offset, length, keepSize); }
+  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
+  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.allocate(offset, length, keepSize); }
+  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
+  /** The wrapped handle is the image's own: closing this stand-in does not close it. */
+  close(): Promise<void> { return Promise.resolve(); }
+}
+
+/** A set of disjoint [start, end) byte ranges. */
+class RangeQueue {
+  private ranges: [number, number][] = [];
+
+  add(start: number, end: number): void {
+    this.ranges.push([start, end]);
+  }
+
+  /** Remove [start, end) from every range (splitting where needed). */
+  remove(start: number, end: number): void {
+    if (this.ranges.length === 0) return;
+    const out: [number, number][] = [];
+    for (const [a, b] of this.ranges) {
+      if (b <= start || a >= end) { out.push([a, b]); continue; }
+      if (a < start) out.push([a, start]);
+      if (b > end) out.push([end, b]);
+    }
+    this.ranges = out;
+  }
+
+  /** All ranges, merged and sorted; the queue is emptied. */
+  take(): [number, number][] {
+    const sorted = this.ranges.sort((x, y) => x[0] - y[0]);
+    this.ranges = [];
+    const merged: [number, number][] = [];
+    for (const [a, b] of sorted) {
+      const last = merged[merged.length - 1];
+      if (last && a <= last[1]) last[1] = Math.max(last[1], b);
+      else merged.push([a, b]);
+    }
+    return merged;
+  }
 }

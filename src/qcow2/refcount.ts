@@ -32,8 +32,12 @@ export interface RefcountContext {
   signalCorruption(fatal: boolean, message: string, context: { structure: string; hostOffset?: number; index?: number }): never;
   /** Point the header at a new refcount table (durably). */
   writeReftableLocation(offset: number, clusters: number): Promise<void>;
-  /** Called when clusters drop to refcount 0 (discard hook: punch holes, drop caches). */
+  /** Size of the image file now: a refcount block past its end is corruption (it is written before it is referenced). */
+  fileBytes?: () => number;
+  /** Called when clusters drop to refcount 0 (drop caches, queue the hole punch). */
   onClustersFreed(hostOffset: number, nbClusters: number): void;
+  /** Called when free clusters are taken again (cancel a queued hole punch on them). */
+  onClustersAllocated(hostOffset: number, nbClusters: number): void;
   allocBuffer(bytes: number): Buffer;
 }
 
@@ -90,7 +94,7 @@ export class Refcounts {
     const ri = this.geometry.reftableIndex(clusterIndex);
     const block = this.reftable[ri] ?? 0;
     if (block === 0) return 0;
-    this.checkBlockOffset(ri, block, undefined);
+    this.checkBlockOffset(ri, block, this.ctx.fileBytes?.());
     const h = await this.ctx.cache.get(block);
     const value = getRefcount(h.buf, this.geometry.refblockIndex(clusterIndex), this.geometry.refcountOrder);
     this.ctx.cache.release(h);
@@ -147,7 +151,7 @@ export class Refcounts {
     if (ri >= this.reftable.length) await this.growReftable(ri);
     const existing = this.reftable[ri]!;
     if (existing !== 0) {
-      this.checkBlockOffset(ri, existing, undefined);
+      this.checkBlockOffset(ri, existing, this.ctx.fileBytes?.());
       return existing;
     }
     if (selfCluster < 0) {
@@ -163,8 +167,16 @@ export class Refcounts {
     const blockOffset = atCluster * g.clusterSize;
     const buf = this.ctx.allocBuffer(g.clusterSize);
     buf.fill(0);
-    if (g.reftableIndex(atCluster) === ri) setRefcount(buf, g.refblockIndex(atCluster), g.refcountOrder, 1);
+    const selfDescribing = g.reftableIndex(atCluster) === ri;
     this.assertFree(blockOffset, g.clusterSize);
+    this.ctx.onClustersAllocated(blockOffset, 1);
+    if (selfDescribing) {
+      setRefcount(buf, g.refblockIndex(atCluster), g.refcountOrder, 1);
+    } else {
+      // Counted by the block of its own range, durably, before the refcount table points to it.
+      await this.updateRefcount(blockOffset, g.clusterSize, 1);
+      await this.ctx.cache.flush();
+    }
     await this.ctx.file.pwrite(buf, blockOffset, 'refblock');
     await this.ctx.file.fdatasync();
     this.reftable[ri] = blockOffset;
@@ -172,7 +184,6 @@ export class Refcounts {
     encodeReftableEntry(entry, 0, blockOffset);
     await this.ctx.file.pwrite(entry, this.reftableOffset + ri * 8, 'reftable');
     this.ctx.metadata.add('refblock', blockOffset, g.clusterSize);
-    if (g.reftableIndex(atCluster) !== ri) await this.updateRefcount(blockOffset, g.clusterSize, 1);
     trace('new refblock %d for reftable index %d', blockOffset, ri);
   }
 
@@ -259,14 +270,22 @@ export class Refcounts {
     let sawFree = false;
     while (c - runStart < nbClusters) {
       const ri = g.reftableIndex(c);
-      if (ri >= this.reftable.length || this.reftable[ri] === 0) {
-        await this.ensureRefblock(ri, c);
-        // The new block (or table) may occupy clusters we were counting on: rescan from the run start.
+      if (ri >= this.reftable.length) {
+        await this.growReftable(ri);
+        c = runStart;
+        continue;
+      }
+      if (this.reftable[ri] === 0) {
+        // The new block goes to the front of the run when there is one (the clusters before c are
+        // free and described by existing blocks), else at c, describing itself. Either way the
+        // run is rescanned: each missing block costs one cluster in front, so long runs converge
+        // (QEMU's alloc_refcount_block + -EAGAIN restart).
+        await this.createRefblock(ri, runStart < c ? runStart : c);
         c = runStart;
         continue;
       }
       const blockOffset = this.reftable[ri]!;
-      this.checkBlockOffset(ri, blockOffset, undefined);
+      this.checkBlockOffset(ri, blockOffset, this.ctx.fileBytes?.());
       const h = await this.ctx.cache.get(blockOffset);
       const blockEnd = (ri + 1) * g.refblockEntries;
       for (; c < blockEnd && c - runStart < nbClusters; c++) {
@@ -281,6 +300,7 @@ export class Refcounts {
     }
     if (this.freeClusterIndex === runStart) this.freeClusterIndex = runStart + nbClusters;
     const hostOffset = runStart * g.clusterSize;
+    this.ctx.onClustersAllocated(hostOffset, nbClusters);
     await this.updateRefcount(hostOffset, nbClusters * g.clusterSize, 1);
     trace('alloc %d clusters at %d', nbClusters, hostOffset);
     return hostOffset;

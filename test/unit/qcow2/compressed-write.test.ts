@@ -1,0 +1,97 @@
+import { describe, expect, it } from 'vitest';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { createImage } from '../../../src/qcow2/create.js';
+import { Qcow2Image } from '../../../src/qcow2/image.js';
+import { qemuImg, qemuImgCheck, qemuImgCompare } from '../../helpers/qemu.js';
+import { useTempDir } from '../../helpers/tmp.js';
+import { requireTool } from '../../helpers/tools.js';
+import { patternBuffer, Prng } from '../../helpers/patterns.js';
+
+const hasQemu = requireTool('qemu-img');
+
+async function expectClean(img: string, model: Buffer, dir: string): Promise<void> {
+  const check = await qemuImgCheck(img);
+  expect(check.stderr).toBe('');
+  expect(check.report?.corruptions ?? 0).toBe(0);
+  expect(check.report?.leaks ?? 0).toBe(0);
+  expect(check.code).toBe(0);
+  const raw = join(dir, 'model.raw');
+  await writeFile(raw, model);
+  expect(await qemuImgCompare(img, raw)).toBe(true);
+}
+
+describe.skipIf(!hasQemu)('compressed writes', () => {
+  const tmp = useTempDir('cwrite');
+  for (const [name, opts] of [['zlib 64k', {}], ['zstd 64k', { compressionType: 'zstd' as const }], ['zlib 4k', { clusterSize: 4096 }], ['zlib 2M', { clusterSize: 2 * 1024 * 1024 }], ['refcount_bits=2', { refcountBits: 2 }]] as const) {
+    it(`sequential 4 KiB and unaligned writes land compressed and check clean (${name})`, async () => {
+      const img = join(tmp.path, 'c.qcow2');
+      const size = 24 * 1024 * 1024;
+      await createImage(img, { virtualSize: size, ...opts });
+      const model = Buffer.alloc(size);
+      const image = await Qcow2Image.open(img, { readOnly: false, compress: true, compressedWriter: { maxPendingBytes: 4 * 1024 * 1024 } });
+      for (let off = 0; off < 8 * 1024 * 1024; off += 4096) {
+        const data = patternBuffer(4096, 7, off, 'compressible');
+        data.copy(model, off);
+        await image.write(off, data);
+      }
+      const rng = new Prng(99);
+      for (let i = 0; i < 100; i++) {
+        const off = rng.int(size - 200_000);
+        const len = 1 + rng.int(200_000);
+        const data = patternBuffer(len, i, off, i % 3 === 0 ? 'random' : 'compressible');
+        data.copy(model, off);
+        await image.write(off, data);
+        if (i % 10 === 0) {
+          const probe = rng.int(size - 100_000);
+          expect((await image.read(probe, 100_000)).equals(model.subarray(probe, probe + 100_000))).toBe(true);
+        }
+        if (i === 50) await image.flush();
+      }
+      await image.write(16 * 1024 * 1024, Buffer.alloc(1024 * 1024));
+      model.fill(0, 16 * 1024 * 1024, 17 * 1024 * 1024);
+      expect((await image.read(0, size)).equals(model)).toBe(true);
+      await image.close();
+      await expectClean(img, model, tmp.path);
+      const check = await qemuImgCheck(img);
+      expect(check.report?.['compressed-clusters'] ?? 0).toBeGreaterThan(0);
+    });
+  }
+
+  it('concurrent writers and readers see their data while clusters are pending', async () => {
+    const img = join(tmp.path, 'p.qcow2');
+    const size = 16 * 1024 * 1024;
+    await createImage(img, { virtualSize: size });
+    const model = Buffer.alloc(size);
+    const image = await Qcow2Image.open(img, { readOnly: false, compress: true });
+    const writers = [0, 1, 2, 3].map(async (w) => {
+      for (let off = w * 4 * 1024 * 1024; off < (w + 1) * 4 * 1024 * 1024; off += 65536) {
+        const data = patternBuffer(65536, w + 10, off, 'compressible');
+        data.copy(model, off);
+        await image.write(off, data);
+        expect((await image.read(off, 65536)).equals(data)).toBe(true);
+      }
+    });
+    await Promise.all(writers);
+    await image.close();
+    await expectClean(img, model, tmp.path);
+  });
+
+  it('rewrites compressed clusters and releases the old chunks', async () => {
+    const img = join(tmp.path, 'r.qcow2');
+    const size = 8 * 1024 * 1024;
+    await createImage(img, { virtualSize: size });
+    const model = Buffer.alloc(size);
+    for (let round = 0; round < 3; round++) {
+      const image = await Qcow2Image.open(img, { readOnly: false, compress: true });
+      for (let off = 0; off < size; off += 65536 * 3) {
+        const data = patternBuffer(65536 + 1000, round * 100 + off / 65536, off, 'compressible');
+        data.copy(model, off);
+        await image.write(off, data);
+      }
+      await image.close();
+      await expectClean(img, model, tmp.path);
+    }
+    await qemuImg(['check', img]);
+  });
+});
