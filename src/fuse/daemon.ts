@@ -93,12 +93,17 @@ export async function serveMount(req: ServeRequest): Promise<number> {
   }
 }
 
-/** Write the daemon's report to the parent's pipe and close it. */
-export function reportToParent(fd: number, report: ReadyReport): void {
+/**
+ * Write the daemon's report to the parent's pipe and close it. A parent that is gone (EPIPE) is no
+ * reason to stop serving: failures are returned, not thrown.
+ */
+export function reportToParent(fd: number, report: ReadyReport): Error | undefined {
   try {
     writeSync(fd, `${JSON.stringify(report)}\n`);
-  } finally {
     closeSync(fd);
+    return undefined;
+  } catch (err) {
+    return err instanceof Error ? err : new Error(String(err));
   }
 }
 

@@ -363,6 +363,42 @@ describe.skipIf(!ready)('mount over a memory device', () => {
     }
   });
 
+  it('qcow2fuse unmount of a busy mount fails, leaving it mounted and serving', async () => {
+    const f = await fixture(MiB);
+    try {
+      await mount(f);
+      const busy = await open(join(f.mnt, 'disk.raw'), 'r');
+      try {
+        const result = await cli(['unmount', f.mnt], f.env);
+        expect(result.code).toBe(1);
+        expect(result.stderr).toMatch(/cannot unmount .*busy/i);
+        expect((await busy.read(Buffer.alloc(16), 0, 16, 0)).bytesRead).toBe(16);
+      } finally {
+        await busy.close();
+      }
+      await unmountWithCli(f);
+    } finally {
+      await cleanup(f);
+    }
+  });
+
+  it('handles image and mountpoint paths with spaces and commas', async () => {
+    const f = await fixture(MiB);
+    const image = join(f.dir, 'my image, v2.raw');
+    const mnt = join(f.dir, 'mount point, one');
+    await copyFile(f.image, image);
+    await run('mkdir', [mnt]);
+    const g = { ...f, image, mnt };
+    try {
+      await mount(g);
+      expect((await findMount(mnt))?.source).toBe(image);
+      await expectSameFile(join(mnt, 'disk.raw'), f.model);
+      await unmountWithCli(g);
+    } finally {
+      await cleanup(g);
+    }
+  });
+
   it('an uncaught exception in the daemon still ends in a clean close', async () => {
     const f = await fixture(MiB, { QCOW2FUSE_TEST_BUG_ON_SIGUSR2: '1' });
     try {

@@ -125,7 +125,13 @@ export async function runMount(argv: readonly string[], env: MountEnvironment): 
     let code: number;
     try {
       daemonLog(`starting: ${image} on ${mountpoint}${args.optionSpecs.length > 0 ? ` -o ${args.optionSpecs.join(',')}` : ''}`);
-      code = await serveMount({ ...serve, log: daemonLog, onReady: () => reportToParent(REPORT_FD, { ok: true, pid: process.pid }) });
+      code = await serveMount({
+        ...serve, log: daemonLog,
+        onReady: () => {
+          const failure = reportToParent(REPORT_FD, { ok: true, pid: process.pid });
+          if (failure !== undefined) daemonLog(`could not tell the parent the mount is live (${failure.message}); serving anyway`);
+        },
+      });
     } catch (err) {
       daemonLog(`mount failed: ${errorMessage(err)}`);
       reportToParent(REPORT_FD, { ok: false, pid: process.pid, message: errorMessage(err) });
