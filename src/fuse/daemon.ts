@@ -50,26 +50,37 @@ export function errorMessage(err: unknown): string {
  */
 export async function serveMount(req: ServeRequest): Promise<number> {
   const log = req.log ?? (() => undefined);
-  const session = await MountSession.start({ ...req, log });
-  const state: DaemonState = {
-    pid: process.pid, startTime: processStartTime(process.pid) ?? '', mountpoint: session.mountpoint, image: session.image,
-    options: [...req.optionSpecs], mountedAt: new Date().toISOString(), ...(req.logFile === undefined ? {} : { logFile: req.logFile }),
+  let session: MountSession | undefined;
+  /** A stop asked for while the mount was still being made. */
+  let earlyStop: string | undefined;
+  let fatal = false;
+  const stop = (reason: string) => {
+    if (session === undefined) earlyStop ??= reason;
+    else void session.stop(reason).catch(() => undefined);
   };
   const onSignal = (signal: NodeJS.Signals) => {
     log(`received ${signal}`);
-    void session.stop(signal).catch(() => undefined);
+    stop(signal);
   };
-  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
-  for (const signal of signals) process.on(signal, onSignal);
-  let fatal = false;
   const onFatal = (err: unknown) => {
     fatal = true;
     log(`fatal: ${err instanceof Error ? err.stack ?? err.message : String(err)}`);
-    void session.stop('fatal error').catch(() => undefined);
+    stop('fatal error');
   };
+  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  for (const signal of signals) process.on(signal, onSignal);
   process.on('uncaughtException', onFatal);
   process.on('unhandledRejection', onFatal);
   try {
+    session = await MountSession.start({ ...req, log });
+    if (earlyStop !== undefined) {
+      await session.stop(earlyStop).catch(() => undefined);
+      throw new MountError('EINTR', `mount interrupted (${earlyStop}); the image was closed`);
+    }
+    const state: DaemonState = {
+      pid: process.pid, startTime: processStartTime(process.pid) ?? '', mountpoint: session.mountpoint, image: session.image,
+      options: [...req.optionSpecs], mountedAt: new Date().toISOString(), ...(req.logFile === undefined ? {} : { logFile: req.logFile }),
+    };
     try {
       await writeState(state, req.runtimeDir);
     } catch (err) {

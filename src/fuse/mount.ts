@@ -201,11 +201,8 @@ export class FuseMount {
  */
 export async function mountFuse(mountpoint: string, ops: FuseNativeOps, options: readonly string[]): Promise<FuseMount> {
   const { Qcow2Fuse, binding } = loadFuseNative();
-  const ours = async () => {
-    const before = new Set((await readMounts()).filter((m) => m.mountPoint === mountpoint).map((m) => m.mountId));
-    return async () => (await readMounts()).filter((m) => m.mountPoint === mountpoint && !before.has(m.mountId));
-  };
-  const newMounts = await ours();
+  const before = new Set((await readMounts()).filter((m) => m.mountPoint === mountpoint).map((m) => m.mountId));
+  const newMounts = async () => (await readMounts()).filter((m) => m.mountPoint === mountpoint && !before.has(m.mountId));
   const fuse = new Qcow2Fuse(mountpoint, ops, options);
   try {
     await new Promise<void>((resolvePromise, reject) => fuse.mount((err) => (err ? reject(err) : resolvePromise())));
@@ -214,7 +211,10 @@ export async function mountFuse(mountpoint: string, ops: FuseNativeOps, options:
     throw new MountError('EIO', `cannot mount on ${mountpoint}: ${(err as Error).message}`, {}, err);
   }
   const entry = (await newMounts()).at(-1);
-  if (entry === undefined) throw new MountError('EIO', `mounted on ${mountpoint}, but the mount is not in /proc/self/mountinfo`);
+  if (entry === undefined) {
+    await fusermountUnmount(mountpoint, true).catch(() => undefined);
+    throw new MountError('EIO', `mounted on ${mountpoint}, but the mount is not in /proc/self/mountinfo`);
+  }
   return new FuseMount(mountpoint, entry.mountId, fuse, binding);
 }
 

@@ -15,7 +15,7 @@ import { findAnyTool, requireFuse, requireTools } from '../helpers/tools.js';
 import { checkBuild, cli, daemonPid, memoryMount, memoryMountForeground, testEnv, waitForExit } from './mount-harness.js';
 
 const MiB = 1024 * 1024;
-const ready = requireFuse() && requireTools('dd', 'cmp', 'cp', 'truncate', 'du', 'stat', 'jq', 'grep', 'wc', 'tail', 'umount');
+const ready = requireFuse() && requireTools('dd', 'cmp', 'cp', 'truncate', 'du', 'stat', 'jq', 'grep', 'wc', 'tail', 'umount', 'flock');
 
 interface Fixture {
   dir: string;
@@ -231,6 +231,26 @@ describe.skipIf(!ready)('mount over a memory device', () => {
       await expectSameFile(f.image, f.model);
       expect(stderr).toMatch(/mounted on/);
       expect(stderr).toMatch(/closed /);
+    } finally {
+      child.kill('SIGKILL');
+      await cleanup(f);
+    }
+  });
+
+  it('a signal while the mount is being made ends it cleanly, with nothing left mounted', async () => {
+    const f = await fixture(MiB, { QCOW2FUSE_TEST_OPEN_DELAY_MS: '2000' });
+    const child = memoryMountForeground([f.image, f.mnt], f.env);
+    let stderr = '';
+    child.stderr?.setEncoding('utf8').on('data', (s: string) => { stderr += s; });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      // The opener holds the image's flock while it waits: that is the moment to interrupt.
+      while ((await run('flock', ['-n', '-x', f.image, 'true'])).code === 0) await new Promise((r) => setTimeout(r, 20));
+      child.kill('SIGTERM');
+      expect(await exited).toBe(1);
+      expect(stderr).toMatch(/mount interrupted \(SIGTERM\); the image was closed/);
+      expect(await findMount(f.mnt)).toBeUndefined();
+      expect((await run('flock', ['-n', '-x', f.image, 'true'])).code).toBe(0);
     } finally {
       child.kill('SIGKILL');
       await cleanup(f);
