@@ -18,11 +18,9 @@ export function compressCluster(type: CompressionType, cluster: Uint8Array, maxO
   return compress(type, cluster, maxOutBytes);
 }
 
-/** Decompress `src` into a new buffer of exactly `clusterBytes`; rejects (code EBADCOMPRESSED) on bad data. */
-export async function decompressCluster(type: CompressionType, src: Uint8Array, clusterBytes: number): Promise<Buffer> {
-  const out = Buffer.allocUnsafe(clusterBytes);
-  await decompress(type, src, out);
-  return out;
+/** Decompress `src` into `out` (exactly one cluster); rejects (code EBADCOMPRESSED) on bad data. */
+export function decompressClusterInto(type: CompressionType, src: Uint8Array, out: Uint8Array): Promise<void> {
+  return decompress(type, src, out);
 }
 
 /** LRU of decompressed clusters keyed by the compressed chunk's host offset. */
@@ -32,6 +30,11 @@ export class DecompressedCache {
 
   constructor(maxBytes: number) {
     this.lru = new LRUCache<number, Buffer>({ maxSize: Math.max(maxBytes, 1), sizeCalculation: (b) => b.length });
+  }
+
+  /** The cached cluster for chunk `hostOffset`, if any (no load). */
+  peek(hostOffset: number): Buffer | undefined {
+    return this.lru.get(hostOffset);
   }
 
   /** The decompressed cluster for chunk `hostOffset`, loading it with `load` once. */

@@ -14,7 +14,7 @@ import { allocAligned } from '../io/aligned-buffer.js';
 import { BackingReader, openBacking } from './backing.js';
 import type { BlockDevice } from './block-device.js';
 import { ClusterMap, type ClusterWritePlan, type L1Table, type ReadSegment } from './cluster-map.js';
-import { compressionTypeName, decompressCluster, DecompressedCache, type CompressionType } from './compression.js';
+import { compressionTypeName, decompressClusterInto, DecompressedCache, type CompressionType } from './compression.js';
 import { CompressedWriter, type CompressedWriterOptions } from './compressed-writer.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, DEFAULT_L2_CACHE_MAX_BYTES, DEFAULT_L2_SLICE_BYTES, HEADER_V3_MIN_BYTES,
@@ -488,7 +488,16 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         return;
       }
       case 'compressed': {
-        const cluster = await this.readCompressedCluster(s.descriptor.hostOffset, s.descriptor.compressedBytes);
+        const { hostOffset, compressedBytes } = s.descriptor;
+        // A whole cluster decompresses straight into the caller's buffer (no cache entry, no copy:
+        // bulk reads stream); a part goes through the cache, so reading a cluster piecewise
+        // decompresses it once.
+        const cached = this.decompressed.peek(hostOffset);
+        if (!cached && s.offsetInCluster === 0 && s.bytes === this.geometry.clusterSize) {
+          await this.decompressInto(hostOffset, compressedBytes, out);
+          return;
+        }
+        const cluster = cached ?? await this.readCompressedCluster(hostOffset, compressedBytes);
         cluster.copy(out, 0, s.offsetInCluster, s.offsetInCluster + s.bytes);
         return;
       }
@@ -498,16 +507,23 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   /** The decompressed contents of the compressed chunk at `hostOffset` (cached). */
   async readCompressedCluster(hostOffset: number, compressedBytes: number): Promise<Buffer> {
     return this.decompressed.get(hostOffset, async () => {
-      const readBytes = Math.min(compressedBytes, Math.max(0, (this.file as SizeTrackingFile).sizeBytes - hostOffset));
-      const src = Buffer.alloc(readBytes);
-      const n = await this.file.pread(src, hostOffset, 'compressed');
-      try {
-        return await decompressCluster(this.compressionType, src.subarray(0, n), this.geometry.clusterSize);
-      } catch (err) {
-        const message = err instanceof Error ? err.message : String(err);
-        this.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
-      }
+      const cluster = Buffer.allocUnsafe(this.geometry.clusterSize);
+      await this.decompressInto(hostOffset, compressedBytes, cluster);
+      return cluster;
     });
+  }
+
+  /** Read the compressed chunk at `hostOffset` and decompress it into `out` (one cluster). */
+  private async decompressInto(hostOffset: number, compressedBytes: number, out: Buffer): Promise<void> {
+    const readBytes = Math.min(compressedBytes, Math.max(0, (this.file as SizeTrackingFile).sizeBytes - hostOffset));
+    const src = Buffer.allocUnsafe(readBytes);
+    const n = await this.file.pread(src, hostOffset, 'compressed');
+    try {
+      await decompressClusterInto(this.compressionType, src.subarray(0, n), out);
+    } catch (err) {
+      const message = err instanceof Error ? err.message : String(err);
+      this.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
+    }
   }
 
   // ------------------------------------------------------------- writes
