@@ -270,6 +270,21 @@ class NodeHostFile implements HostFile {
     const spanBytes = alignedEnd - alignedStart;
     const headPartial = hostOffset > alignedStart;
     const tailPartial = writeEnd < alignedEnd;
+    if (!headPartial && !tailPartial) {
+      // Only the memory is unaligned: no block to merge, no size to trim — copy and write.
+      const release = await this.ranges.acquire(alignedStart, alignedEnd);
+      const bounce = this.pool.acquire(spanBytes);
+      try {
+        const view = bounce.subarray(0, spanBytes);
+        view.set(data);
+        await this.writeFully(view, alignedStart);
+        this.sizeHintBytes = Math.max(this.sizeHintBytes, writeEnd);
+        return;
+      } finally {
+        this.pool.release(bounce);
+        release();
+      }
+    }
     for (let lockToInfinity = alignedEnd > this.sizeHintBytes; ; lockToInfinity = true) {
       const release = await this.ranges.acquire(alignedStart, lockToInfinity ? Infinity : alignedEnd);
       const bounce = this.pool.acquire(spanBytes);

@@ -220,8 +220,18 @@ export class CompressedWriter {
   private async waitForSpace(): Promise<void> {
     while (this.heldBytes >= this.maxPendingBytes) {
       const oldestPartial = [...this.pending.values()].find((p) => p.coverage);
-      if (oldestPartial && this.inflight.size === 0) await this.completePartial(oldestPartial);
-      else await new Promise<void>((r) => this.spaceWaiters.push(r));
+      if (oldestPartial && this.inflight.size === 0) {
+        await this.completePartial(oldestPartial);
+        continue;
+      }
+      // Chunks placed in a host cluster that is not full yet hold their plaintext until it is
+      // written: write it now (padded; it is rewritten whole when it fills) so they link and go.
+      const waiting = this.area.filter((c) => c.fillBytes > c.writtenBytes && c.waiters.length > 0);
+      if (waiting.length > 0) {
+        await Promise.all(waiting.map((c) => this.writeHostCluster(c)));
+        continue;
+      }
+      await new Promise<void>((r) => this.spaceWaiters.push(r));
     }
   }
 

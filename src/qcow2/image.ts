@@ -32,7 +32,17 @@ import { resolveBackingPath } from './backing.js';
 
 const trace = debugFactory('qcow2fuse:qcow2');
 
+/** Longest host range read at once for a run of back-to-back compressed chunks. */
+const COMPRESSED_RUN_BYTES = 512 * 1024;
+/** Largest gap between two chunks still read together (read and thrown away). */
+const COMPRESSED_RUN_GAP_BYTES = 4096;
+
+type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
+
 export type CacheMode = 'writeback' | 'none' | 'writethrough';
+
+/** Granularity of preallocation ahead of the end of the image file (seed 002). */
+const PREALLOC_AHEAD_BYTES = 1024 * 1024;
 
 export interface Qcow2OpenOptions {
   readOnly: boolean;
@@ -109,6 +119,10 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private firstWriteDone = false;
   private closed = false;
   private readonly preallocate: boolean;
+  /** The host filesystem refused fallocate(ZERO_RANGE): preallocation is skipped from then on. */
+  private preallocUnsupported = false;
+  /** The file was extended ahead of its last cluster (trimmed at close). */
+  private preallocatedAhead = false;
   /** Host ranges freed but not yet punched (see onClustersFreed). */
   private readonly punchQueue = new RangeQueue();
   /** Second handle (O_DIRECT) for compressed host clusters. */
@@ -464,13 +478,59 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         return n;
       });
       try {
-        await Promise.all(segments.map((s) => this.readSegment(s, buf.subarray(s.guestOffset - guestOffset, s.guestOffset - guestOffset + s.bytes))));
+        await this.readSegments(segments, guestOffset, buf);
       } finally {
         for (const r of ranges) this.removeHostInflight(r);
       }
       overlay?.(buf.subarray(done, done + covered));
       done += covered;
     }
+  }
+
+  /**
+   * Read mapped segments into `buf` (which starts at `guestOffset`), all in parallel. Whole compressed
+   * clusters whose chunks lie back to back on the host (as `qemu-img convert -c` and our compressed
+   * writer place them) are read with one pread per run of up to COMPRESSED_RUN_BYTES and decompressed
+   * straight into `buf`; every other segment is read on its own.
+   */
+  private async readSegments(segments: ReadSegment[], guestOffset: number, buf: Buffer): Promise<void> {
+    const out = (s: ReadSegment): Buffer => buf.subarray(s.guestOffset - guestOffset, s.guestOffset - guestOffset + s.bytes);
+    const jobs: Promise<void>[] = [];
+    let run: CompressedSegment[] = [];
+    let runEnd = 0;
+    const endRun = (): void => {
+      if (run.length === 1) jobs.push(this.readSegment(run[0], out(run[0])));
+      else if (run.length > 1) jobs.push(this.readCompressedRun(run, guestOffset, buf));
+      run = [];
+    };
+    for (const s of segments) {
+      if (s.kind !== 'compressed' || s.offsetInCluster !== 0 || s.bytes !== this.geometry.clusterSize || this.decompressed.peek(s.descriptor.hostOffset)) {
+        jobs.push(this.readSegment(s, out(s)));
+        continue;
+      }
+      const { hostOffset, compressedBytes } = s.descriptor;
+      if (run.length > 0 && (hostOffset < run[0].descriptor.hostOffset || hostOffset > runEnd + COMPRESSED_RUN_GAP_BYTES
+        || hostOffset + compressedBytes - run[0].descriptor.hostOffset > COMPRESSED_RUN_BYTES)) {
+        endRun();
+      }
+      runEnd = run.length === 0 ? hostOffset + compressedBytes : Math.max(runEnd, hostOffset + compressedBytes);
+      run.push(s);
+    }
+    endRun();
+    await Promise.all(jobs);
+  }
+
+  /** One pread for the host range of several compressed chunks, then each decompressed into `buf`. */
+  private async readCompressedRun(run: CompressedSegment[], guestOffset: number, buf: Buffer): Promise<void> {
+    const start = run[0].descriptor.hostOffset;
+    const end = Math.min(Math.max(...run.map((s) => s.descriptor.hostOffset + s.descriptor.compressedBytes)), (this.file as SizeTrackingFile).sizeBytes);
+    const src = Buffer.allocUnsafe(Math.max(0, end - start));
+    const n = await this.file.pread(src, start, 'compressed');
+    await Promise.all(run.map((s) => {
+      const { hostOffset, compressedBytes } = s.descriptor;
+      const chunk = src.subarray(Math.min(n, hostOffset - start), Math.min(n, hostOffset - start + compressedBytes));
+      return this.decompressChunk(chunk, hostOffset, compressedBytes, buf.subarray(s.guestOffset - guestOffset, s.guestOffset - guestOffset + s.bytes));
+    }));
   }
 
   private async readSegment(s: ReadSegment, out: Buffer): Promise<void> {
@@ -518,8 +578,13 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     const readBytes = Math.min(compressedBytes, Math.max(0, (this.file as SizeTrackingFile).sizeBytes - hostOffset));
     const src = Buffer.allocUnsafe(readBytes);
     const n = await this.file.pread(src, hostOffset, 'compressed');
+    await this.decompressChunk(src.subarray(0, n), hostOffset, compressedBytes, out);
+  }
+
+  /** Decompress the chunk read from `hostOffset` into `out`; a bad chunk is (non-fatal) corruption. */
+  private async decompressChunk(src: Buffer, hostOffset: number, compressedBytes: number, out: Buffer): Promise<void> {
     try {
-      await decompressClusterInto(this.compressionType, src.subarray(0, n), out);
+      await decompressClusterInto(this.compressionType, src, out);
     } catch (err) {
       const message = err instanceof Error ? err.message : String(err);
       this.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
@@ -582,7 +647,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         if (plans.length === 0) return { waitFor: this.guestBusy.get(this.geometry.clusterIndex(offset))?.done, plans };
         for (const p of plans) {
           this.markGuestBusy(p.firstCluster, p.nbClusters, p.mode !== 'direct');
-          if (p.mode === 'alloc' && !this.hasDataFile) this.highWaterBytes = Math.max(this.highWaterBytes, p.hostOffset + p.nbClusters * this.geometry.clusterSize);
+          if (p.mode === 'alloc' && !this.hasDataFile) {
+            const runEnd = p.hostOffset + p.nbClusters * this.geometry.clusterSize;
+            if (this.preallocate) await this.preallocateAhead(p.hostOffset, runEnd);
+            this.highWaterBytes = Math.max(this.highWaterBytes, runEnd);
+          }
         }
         return { waitFor: undefined, plans };
       });
@@ -634,6 +703,30 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     } finally {
       this.clearGuestBusy(plan.firstCluster, plan.nbClusters);
     }
+  }
+
+  /**
+   * Seed 002: when new clusters lie past the end of the file, extend it with fallocate(ZERO_RANGE)
+   * up to the next PREALLOC_AHEAD_BYTES boundary, so the data writes that follow are overwrites of
+   * allocated zeros instead of many small file-extending writes (each one a metadata update of the
+   * host filesystem). Runs under the metadata lock and starts at this run's own clusters: anything
+   * between the old end of file and them belongs to writes still in flight and is never touched.
+   */
+  private async preallocateAhead(runStart: number, runEnd: number): Promise<void> {
+    const tracked = this.file as SizeTrackingFile;
+    if (this.preallocUnsupported || runEnd <= tracked.sizeBytes) return;
+    const start = Math.max(tracked.sizeBytes, runStart);
+    const end = Math.max(runEnd, Math.ceil(runEnd / PREALLOC_AHEAD_BYTES) * PREALLOC_AHEAD_BYTES);
+    if (await tracked.zeroRange(start, end - start, false)) this.preallocatedAhead = true;
+    else this.preallocUnsupported = true;
+  }
+
+  /** Give back the preallocated tail past the last allocated cluster (close). */
+  private async trimPreallocation(): Promise<void> {
+    if (!this.preallocatedAhead) return;
+    const tracked = this.file as SizeTrackingFile;
+    const allocatedEnd = await this.refcounts.allocatedEnd();
+    if (allocatedEnd > 0 && (await tracked.size()) > allocatedEnd) await tracked.truncate(allocatedEnd);
   }
 
   /**
@@ -721,7 +814,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       buf.fill(0);
       return true;
     }
-    await Promise.all(segments.map((s) => this.readSegment(s, buf.subarray(s.guestOffset - guestOffset, s.guestOffset - guestOffset + s.bytes))));
+    await this.readSegments(segments, guestOffset, buf);
     return false;
   }
 
@@ -869,6 +962,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         await this.compressedWriter?.close();
         await this.lock.run(async () => {
           await this.flushLocked();
+          await this.trimPreallocation();
           if (hasBit(this.header.incompatibleFeatures, INCOMPAT_DIRTY)) {
             await this.updateHeader({ incompatibleFeatures: withBit(this.header.incompatibleFeatures, INCOMPAT_DIRTY, false) });
           }
