@@ -24,8 +24,9 @@ import { commandError, progressText, trace, writeOut } from '../output.js';
 
 export const summary = 'copy an image (or one of its snapshots) to raw or qcow2 (qemu-img convert)';
 
-const USAGE = `usage: qcow2fuse convert [-p] [-q] [-c] [-f qcow2] [-l SNAPSHOT] -O raw|qcow2 [-o OPTIONS] SOURCE DEST
+const USAGE = `usage: qcow2fuse convert [-p] [-q] [-c] [-f qcow2] [-t CACHE] [-l SNAPSHOT] -O raw|qcow2 [-o OPTIONS] SOURCE DEST
   -O raw|qcow2   output format (DEST '-' writes raw to stdout)
+  -t CACHE       raw output: unsafe (default, as qemu-img: no sync) or writeback (synced before exit)
   -c             compress the clusters of a qcow2 output
   -l SNAPSHOT    read the internal snapshot SNAPSHOT (id or name; or snapshot.id=ID / snapshot.name=NAME)
   -o OPTIONS     qcow2 output options, as for 'create' (cluster_size, compat, compression_type, …)
@@ -47,11 +48,13 @@ export interface ConvertArgs {
   progress: boolean;
   snapshot?: SnapshotRef;
   createOptions: CreateOptions;
+  /** Make a raw DEST durable before exiting (-t writeback); qemu-img's default is unsafe (no sync). */
+  sync: boolean;
 }
 
 /** Parse qemu-img convert's arguments; throws with a message (and code 'USAGE' for --help). */
 export function parseConvertArgs(argv: string[]): ConvertArgs {
-  const { flags, positional } = parseArgs(argv, ['-O', '-f', '-l', '-o'], ['-p', '-q', '-c', '-U', '-h', '--help']);
+  const { flags, positional } = parseArgs(argv, ['-O', '-f', '-l', '-o', '-t'], ['-p', '-q', '-c', '-U', '-h', '--help']);
   if (flags.has('-h') || flags.has('--help')) throw Object.assign(new Error(USAGE), { code: 'USAGE' });
   const format = flags.get('-f') ?? 'qcow2';
   if (format !== 'qcow2') throw new Error(`only qcow2 sources are supported (got -f ${format})`);
@@ -74,8 +77,10 @@ export function parseConvertArgs(argv: string[]): ConvertArgs {
     else if (l.startsWith('snapshot.name=')) snapshot = { name: l.slice('snapshot.name='.length) };
     else snapshot = l;
   }
+  const cache = flags.get('-t') ?? 'unsafe';
+  if (cache !== 'unsafe' && cache !== 'writeback') throw new Error(`cache mode must be unsafe or writeback, got '${cache}'`);
   const progress = flags.has('-p') && !flags.has('-q');
-  return { source, dest, outputFormat, compress, progress, createOptions, ...(snapshot !== undefined ? { snapshot } : {}) };
+  return { source, dest, outputFormat, compress, progress, createOptions, sync: cache === 'writeback', ...(snapshot !== undefined ? { snapshot } : {}) };
 }
 
 /** Where guest bytes come from: the active layer or a snapshot view. */
@@ -153,8 +158,8 @@ function zeroBlock(bytes: number): Buffer {
   return b;
 }
 
-/** A raw file: created with the full size, only non-zero data written. */
-async function rawFileSink(path: string, virtualSize: number): Promise<Sink> {
+/** A raw file: created with the full size, only non-zero data written; synced at the end when `sync`. */
+async function rawFileSink(path: string, virtualSize: number, sync: boolean): Promise<Sink> {
   const handle: FileHandle = await open(path, 'w');
   try {
     if ((await handle.stat()).isFile()) await handle.truncate(virtualSize);
@@ -175,7 +180,7 @@ async function rawFileSink(path: string, virtualSize: number): Promise<Sink> {
     },
     async close() {
       try {
-        await handle.datasync();
+        if (sync) await handle.datasync();
       } finally {
         await handle.close();
       }
@@ -273,7 +278,7 @@ export async function run(argv: string[]): Promise<number> {
       }
       trace('convert %s → %s (%s%s), %d bytes', args.source, args.dest, args.outputFormat, args.compress ? ', compressed' : '', source.virtualSize);
       const sink = args.dest === '-' ? stdoutSink()
-        : args.outputFormat === 'raw' ? await rawFileSink(args.dest, source.virtualSize)
+        : args.outputFormat === 'raw' ? await rawFileSink(args.dest, source.virtualSize, args.sync)
           : await qcow2Sink(args.dest, source.virtualSize, args.createOptions, args.compress);
       let shownPercent = -1;
       const showProgress = (doneBytes: number): void => {

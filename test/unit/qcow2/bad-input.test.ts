@@ -167,6 +167,17 @@ const CASES: Case[] = [
     await patch(p, Number(entry & ((1n << 54n) - 1n)), Buffer.alloc(64, 0x11));
     return p;
   } },
+  { name: 'garbage in one chunk of a run of back-to-back compressed clusters', code: 'ECORRUPT', message: /decompress/, async damage(dir) {
+    const raw = join(dir, 'src.raw');
+    const p = join(dir, 'bad.qcow2');
+    await qemuImgOk(['create', '-q', '-f', 'raw', raw, '4M']);
+    await qemuIoOk(raw, ['write -P 0x21 0 1M'], { format: 'raw' });
+    await qemuImgOk(['convert', '-c', '-O', 'qcow2', raw, p]);
+    // The third cluster's chunk: its neighbours are read in the same pread.
+    const entry = await readU64At(p, await firstL2Offset(p) + 16);
+    await patch(p, Number(entry & ((1n << 54n) - 1n)), Buffer.alloc(32, 0xff));
+    return p;
+  } },
   { name: 'compressed descriptor pointing past the end of the file', code: 'ECORRUPT', message: /past the end/, async damage(dir) {
     const p = join(dir, 'bad.qcow2');
     await qemuImgOk(['create', '-q', '-f', 'qcow2', p, '4M']);
