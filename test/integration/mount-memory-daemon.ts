@@ -9,9 +9,9 @@
  * Environment knobs: QCOW2FUSE_TEST_CLOSE_DELAY_MS delays close (to prove unmount waits for it),
  * QCOW2FUSE_TEST_CLOSE_FAIL=1 makes close fail with EIO after writing back,
  * QCOW2FUSE_TEST_BUG_ON_SIGUSR2=1 makes SIGUSR2 throw an exception nothing catches (a stand-in for a bug),
- * QCOW2FUSE_TEST_OPEN_DELAY_MS holds the open (image locked) that long before it completes.
+ * QCOW2FUSE_TEST_OPEN_DELAY_MS holds the open (image locked, IMAGE.opening present) that long before it completes.
  */
-import { closeSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, unlinkSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -30,7 +30,12 @@ const openMemoryImage: DeviceOpener = async (path, options) => {
     closeSync(fd);
     throw new LockError(path, `failed to get an exclusive lock (${(err as Error).message})`);
   }
-  await sleep(Number(process.env.QCOW2FUSE_TEST_OPEN_DELAY_MS ?? 0));
+  const openDelay = Number(process.env.QCOW2FUSE_TEST_OPEN_DELAY_MS ?? 0);
+  if (openDelay > 0) {
+    writeFileSync(`${path}.opening`, '');
+    await sleep(openDelay);
+    unlinkSync(`${path}.opening`);
+  }
   const prefix = `${basename(path)}.snapshot.`;
   const snapshots = readdirSync(dirname(path)).filter((f) => f.startsWith(prefix)).sort()
     .map((f, i) => ({ id: String(i + 1), name: f.slice(prefix.length), data: readFileSync(join(dirname(path), f)) }));

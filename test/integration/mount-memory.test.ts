@@ -4,7 +4,7 @@
  * lifecycle with the tools users use — dd, cp, cmp, truncate, du, cat, jq, grep, wc, tail, umount,
  * fusermount — independently of the qcow2 driver. Every test unmounts what it mounted (finally).
  */
-import { copyFile, open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { access, copyFile, open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../helpers/exec.js';
@@ -244,8 +244,8 @@ describe.skipIf(!ready)('mount over a memory device', () => {
     child.stderr?.setEncoding('utf8').on('data', (s: string) => { stderr += s; });
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     try {
-      // The opener holds the image's flock while it waits: that is the moment to interrupt.
-      while ((await run('flock', ['-n', '-x', f.image, 'true'])).code === 0) await new Promise((r) => setTimeout(r, 20));
+      // The opener marks the moment it holds the image (locked) and waits: interrupt then.
+      while (!(await access(`${f.image}.opening`).then(() => true, () => false))) await new Promise((r) => setTimeout(r, 20));
       child.kill('SIGTERM');
       expect(await exited).toBe(1);
       expect(stderr).toMatch(/mount interrupted \(SIGTERM\); the image was closed/);
