@@ -95,7 +95,8 @@ export class ClusterMap {
 
   /** Register the L1 table and every L2 table it points to in the metadata map. */
   registerMetadata(kind: 'l1' | 'snapshot-l1'): void {
-    this.ctx.metadata.add(kind, this.l1.offset, Math.max(this.l1.entries * 8, 1));
+    if (this.l1.entries === 0) return; // an empty L1 (size 0 image) occupies nothing
+    this.ctx.metadata.add(kind, this.l1.offset, this.l1.entries * 8);
     if (kind !== 'l1') return;
     for (let i = 0; i < this.l1.entries; i++) {
       const e = decodeL1Entry(this.l1.buf, i);
