@@ -284,7 +284,7 @@ export class ClusterMap {
     const oldOffset = this.l1.offset;
     const oldBytes = this.l1.entries * 8;
     await this.ctx.writeL1Location(newOffset, newEntries);
-    this.ctx.metadata.remove(oldOffset, Math.max(oldBytes, 1));
+    if (oldBytes > 0) this.ctx.metadata.remove(oldOffset, oldBytes);
     this.l1.offset = newOffset;
     this.l1.entries = newEntries;
     this.l1.buf = buf;
