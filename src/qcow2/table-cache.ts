@@ -42,20 +42,20 @@ export interface TableCacheOptions {
   writethrough?: boolean;
 }
 
-interface Slot {
-  offset: number; // -1 when empty
-  pins: number;
-  dirty: boolean;
-  lru: number;
-  buf: Buffer;
-}
 
 export class TableCache {
   readonly name: string;
   readonly tableBytes: number;
   readonly nbSlots: number;
   private readonly file: HostFile;
-  private readonly slots: Slot[];
+  // Slot state in parallel typed arrays: the probe loop reads 16 contiguous offsets (two cache lines),
+  // not 16 scattered objects, so lookups cost the same at 64 and 65 536 slots.
+  /** Host offset of the table in each slot, -1 when empty. */
+  private readonly offsets: Float64Array;
+  private readonly pins: Int32Array;
+  private readonly lrus: Float64Array;
+  private readonly dirty: Uint8Array;
+  private readonly bufs: Buffer[];
   private readonly probeSlots: number;
   private readonly writePoint: WritePoint;
   private readonly beforeWrite?: (offset: number, bytes: number) => void;
@@ -76,10 +76,12 @@ export class TableCache {
     this.writePoint = options.writePoint;
     this.beforeWrite = options.beforeWrite;
     this.writethrough = options.writethrough ?? false;
-    this.slots = [];
-    for (let i = 0; i < this.nbSlots; i++) {
-      this.slots.push({ offset: -1, pins: 0, dirty: false, lru: 0, buf: options.allocBuffer(this.tableBytes) });
-    }
+    this.offsets = new Float64Array(this.nbSlots).fill(-1);
+    this.pins = new Int32Array(this.nbSlots);
+    this.lrus = new Float64Array(this.nbSlots);
+    this.dirty = new Uint8Array(this.nbSlots);
+    this.bufs = [];
+    for (let i = 0; i < this.nbSlots; i++) this.bufs.push(options.allocBuffer(this.tableBytes));
   }
 
   private homeSlot(offset: number): number {
@@ -92,7 +94,7 @@ export class TableCache {
     for (let i = 0; i < this.probeSlots; i++) {
       let s = home + i;
       if (s >= this.nbSlots) s -= this.nbSlots;
-      if (this.slots[s]!.offset === offset) return s;
+      if (this.offsets[s] === offset) return s;
     }
     return -1;
   }
@@ -105,11 +107,11 @@ export class TableCache {
     for (let i = 0; i < this.probeSlots; i++) {
       let s = home + i;
       if (s >= this.nbSlots) s -= this.nbSlots;
-      const slot = this.slots[s]!;
-      if (slot.offset === -1 && slot.pins === 0) return s;
-      if (slot.pins === 0 && slot.lru < bestLru) {
+      if (this.pins[s] !== 0) continue;
+      if (this.offsets[s] === -1) return s;
+      if (this.lrus[s]! < bestLru) {
         best = s;
-        bestLru = slot.lru;
+        bestLru = this.lrus[s]!;
       }
     }
     if (best === -1) throw new Error(`${this.name} cache: every slot of the probe window is pinned (internal error)`);
@@ -118,29 +120,29 @@ export class TableCache {
 
   private async claim(offset: number, read: boolean): Promise<TableHandle> {
     const s = this.victim(offset);
-    const slot = this.slots[s]!;
-    if (slot.offset !== -1) {
+    if (this.offsets[s] !== -1) {
       this.stats.evictions++;
-      if (slot.dirty) await this.writeSlot(slot);
-      // writeSlot awaits: the victim may have been pinned or the table loaded by nobody else (we hold the lock).
-      slot.offset = -1;
+      if (this.dirty[s]) await this.writeSlot(s);
+      // We hold the metadata lock: nobody pinned or reloaded the victim while it was written.
+      this.offsets[s] = -1;
     }
-    slot.pins = 1;
+    this.pins[s] = 1;
+    const buf = this.bufs[s]!;
     if (read) {
       try {
-        const n = await this.file.pread(slot.buf, offset, this.writePoint);
-        if (n < this.tableBytes) slot.buf.fill(0, n);
+        const n = await this.file.pread(buf, offset, this.writePoint);
+        if (n < this.tableBytes) buf.fill(0, n);
       } catch (err) {
-        slot.pins = 0;
+        this.pins[s] = 0;
         throw err;
       }
     } else {
-      slot.buf.fill(0);
+      buf.fill(0);
     }
-    slot.offset = offset;
-    slot.lru = ++this.lruCounter;
+    this.offsets[s] = offset;
+    this.lrus[s] = ++this.lruCounter;
     trace('%s: load %d into slot %d', this.name, offset, s);
-    return { slot: s, offset, buf: slot.buf };
+    return { slot: s, offset, buf };
   }
 
   /** Pin the table at host `offset`, reading it on a miss. */
@@ -148,9 +150,8 @@ export class TableCache {
     const s = this.lookup(offset);
     if (s >= 0) {
       this.stats.hits++;
-      const slot = this.slots[s]!;
-      slot.pins++;
-      return { slot: s, offset, buf: slot.buf };
+      this.pins[s]!++;
+      return { slot: s, offset, buf: this.bufs[s]! };
     }
     this.stats.misses++;
     return this.claim(offset, true);
@@ -160,33 +161,31 @@ export class TableCache {
   async getEmpty(offset: number): Promise<TableHandle> {
     const s = this.lookup(offset);
     if (s >= 0) {
-      const slot = this.slots[s]!;
-      slot.pins++;
-      slot.buf.fill(0);
-      return { slot: s, offset, buf: slot.buf };
+      this.pins[s]!++;
+      const buf = this.bufs[s]!;
+      buf.fill(0);
+      return { slot: s, offset, buf };
     }
     return this.claim(offset, false);
   }
 
   /** Unpin. O(1). In writethrough mode a dirty table is written now. */
   async put(handle: TableHandle): Promise<void> {
-    const slot = this.slots[handle.slot]!;
-    slot.pins--;
-    slot.lru = ++this.lruCounter;
-    if (this.writethrough && slot.dirty && slot.pins === 0) await this.writeSlot(slot);
+    const s = handle.slot;
+    this.pins[s]!--;
+    this.lrus[s] = ++this.lruCounter;
+    if (this.writethrough && this.dirty[s] && this.pins[s] === 0) await this.writeSlot(s);
   }
 
   /** Synchronous unpin without writethrough (for hot read paths that never dirty). */
   release(handle: TableHandle): void {
-    const slot = this.slots[handle.slot]!;
-    slot.pins--;
-    slot.lru = ++this.lruCounter;
+    this.pins[handle.slot]!--;
+    this.lrus[handle.slot] = ++this.lruCounter;
   }
 
   markDirty(handle: TableHandle): void {
-    const slot = this.slots[handle.slot]!;
-    if (!slot.dirty) {
-      slot.dirty = true;
+    if (!this.dirty[handle.slot]) {
+      this.dirty[handle.slot] = 1;
       this.nbDirty++;
     }
   }
@@ -219,20 +218,20 @@ export class TableCache {
     this.dependsOnFlushFlag = false;
   }
 
-  private async writeSlot(slot: Slot): Promise<void> {
+  private async writeSlot(s: number): Promise<void> {
     if (this.depends) {
       await this.flushDependency();
     } else if (this.dependsOnFlushFlag) {
       await this.file.fdatasync();
       this.dependsOnFlushFlag = false;
     }
-    if (!slot.dirty) return; // written meanwhile
-    const offset = slot.offset;
+    if (!this.dirty[s]) return; // written meanwhile
+    const offset = this.offsets[s]!;
     this.beforeWrite?.(offset, this.tableBytes);
-    await this.file.pwrite(slot.buf, offset, this.writePoint);
+    await this.file.pwrite(this.bufs[s]!, offset, this.writePoint);
     this.stats.writes++;
-    if (slot.offset === offset && slot.dirty) {
-      slot.dirty = false;
+    if (this.offsets[s] === offset && this.dirty[s]) {
+      this.dirty[s] = 0;
       this.nbDirty--;
     }
     trace('%s: wrote %d', this.name, offset);
@@ -241,8 +240,10 @@ export class TableCache {
   /** Write every dirty table (in host order) without syncing. */
   async writeDirty(): Promise<void> {
     if (this.nbDirty === 0) return;
-    const dirty = this.slots.filter((s) => s.dirty).sort((a, b) => a.offset - b.offset);
-    for (const slot of dirty) await this.writeSlot(slot);
+    const dirty: number[] = [];
+    for (let s = 0; s < this.nbSlots; s++) if (this.dirty[s]) dirty.push(s);
+    dirty.sort((a, b) => this.offsets[a]! - this.offsets[b]!);
+    for (const s of dirty) await this.writeSlot(s);
   }
 
   /** Write every dirty table, then fdatasync: afterwards the cache's state is durable. */
@@ -256,26 +257,27 @@ export class TableCache {
   /** Write one table now if it is cached and dirty (used where a table must be on disk before a pointer to it). */
   async writeOne(offset: number): Promise<void> {
     const s = this.lookup(offset);
-    if (s >= 0 && this.slots[s]!.dirty) await this.writeSlot(this.slots[s]!);
+    if (s >= 0 && this.dirty[s]) await this.writeSlot(s);
   }
 
   /** Forget a table without writing it (its cluster was freed). */
   discard(offset: number): void {
     const s = this.lookup(offset);
     if (s < 0) return;
-    const slot = this.slots[s]!;
-    if (slot.dirty) this.nbDirty--;
-    slot.dirty = false;
-    slot.offset = -1;
+    if (this.dirty[s]) this.nbDirty--;
+    this.dirty[s] = 0;
+    this.offsets[s] = -1;
   }
 
   /** Drop every clean, unpinned table (e.g. after an external change); dirty ones stay. */
   invalidateClean(): void {
-    for (const slot of this.slots) if (!slot.dirty && slot.pins === 0) slot.offset = -1;
+    for (let s = 0; s < this.nbSlots; s++) if (!this.dirty[s] && this.pins[s] === 0) this.offsets[s] = -1;
   }
 
-  /** Whether any table is still pinned (leak detector for tests). */
+  /** Number of slots still pinned (leak detector for tests). */
   pinnedCount(): number {
-    return this.slots.reduce((n, s) => n + (s.pins > 0 ? 1 : 0), 0);
+    let n = 0;
+    for (let s = 0; s < this.nbSlots; s++) if (this.pins[s]! > 0) n++;
+    return n;
   }
 }
