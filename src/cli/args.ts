@@ -10,7 +10,7 @@ const SUFFIXES: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, 
 export function parseSize(text: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?$/i.exec(text.trim());
   if (!m) throw new CodedError('EINVAL', `invalid size '${text}'`);
-  const bytes = Math.round(Number(m[1]) * SUFFIXES[m[2]!.toLowerCase()]!);
+  const bytes = Math.round(Number(m[1]) * SUFFIXES[m[2].toLowerCase()]);
   if (!Number.isSafeInteger(bytes)) throw new CodedError('EINVAL', `size '${text}' is too large`);
   return bytes;
 }
@@ -49,7 +49,7 @@ export function parseArgs(argv: string[], valueFlags: string[], boolFlags: strin
   const flags = new Map<string, string>();
   const positional: string[] = [];
   for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
+    const arg = argv[i];
     if (arg === '--') { positional.push(...argv.slice(i + 1)); break; }
     if (!arg.startsWith('-') || arg === '-') { positional.push(arg); continue; }
     let name = arg;

@@ -425,7 +425,7 @@ export class ClusterMap {
       if (!this.ctx.lazyRefcounts() && plan.mode === 'alloc') await this.ctx.l2Cache.dependsOn(this.ctx.refcountCache);
       this.ctx.l2Cache.dependsOnFlush();
       for (let i = 0; i < plan.nbClusters; i++) {
-        writeL2Entry(h.buf, g.l2IndexInSlice(firstGuest + i * g.clusterSize), g, newEntries[i]!);
+        writeL2Entry(h.buf, g.l2IndexInSlice(firstGuest + i * g.clusterSize), g, newEntries[i]);
       }
       this.ctx.l2Cache.markDirty(h);
     } finally {

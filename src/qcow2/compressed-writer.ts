@@ -83,7 +83,7 @@ class Coverage {
   }
 
   covers(bytes: number): boolean {
-    return this.ranges.length === 1 && this.ranges[0]![0] === 0 && this.ranges[0]![1] >= bytes;
+    return this.ranges.length === 1 && this.ranges[0][0] === 0 && this.ranges[0][1] >= bytes;
   }
 }
 
@@ -301,12 +301,12 @@ export class CompressedWriter {
 
   private clusterAt(hostOffset: number): HostCluster | undefined {
     if (this.area.length === 0) return undefined;
-    const i = Math.floor((hostOffset - this.area[0]!.hostOffset) / this.g.clusterSize);
+    const i = Math.floor((hostOffset - this.area[0].hostOffset) / this.g.clusterSize);
     return i >= 0 && i < this.area.length ? this.area[i] : undefined;
   }
 
   private get areaEnd(): number {
-    return this.area.length === 0 ? 0 : this.area[this.area.length - 1]!.hostOffset + this.g.clusterSize;
+    return this.area.length === 0 ? 0 : this.area[this.area.length - 1].hostOffset + this.g.clusterSize;
   }
 
   /** Make sure [fillOffset, +bytes) lies inside the area, allocating (and extending) as needed. */
@@ -315,11 +315,11 @@ export class CompressedWriter {
     const current = this.clusterAt(this.fillOffset);
     // A cluster whose refcount (writer reference + chunks) could not take another chunk is skipped.
     if (current && current.nbChunks + 2 > this.host.maxRefcount) this.fillOffset = current.hostOffset + cs;
-    if (this.area.length > 0 && this.fillOffset >= this.area[0]!.hostOffset && this.fillOffset + bytes <= this.areaEnd) return;
+    if (this.area.length > 0 && this.fillOffset >= this.area[0].hostOffset && this.fillOffset + bytes <= this.areaEnd) return;
     const need = Math.max(this.areaClusters, Math.ceil(bytes / cs) + 1);
     const hostOffset = await this.host.locked(() => this.host.allocClustersLocked(need));
     const fresh = Array.from({ length: need }, (_, i) => this.newHostCluster(hostOffset + i * cs));
-    if (this.area.length > 0 && hostOffset === this.areaEnd && this.fillOffset >= this.area[0]!.hostOffset) {
+    if (this.area.length > 0 && hostOffset === this.areaEnd && this.fillOffset >= this.area[0].hostOffset) {
       this.area.push(...fresh);
       return;
     }
@@ -366,7 +366,7 @@ export class CompressedWriter {
     }
     this.fillOffset = hostOffset + data.length;
     // Clusters the fill has passed are complete: close them, write each once, and let them go.
-    while (this.area.length > 0 && this.area[0]!.hostOffset + cs <= this.fillOffset) {
+    while (this.area.length > 0 && this.area[0].hostOffset + cs <= this.fillOffset) {
       const c = this.area.shift()!;
       c.closed = true;
       c.fillBytes = cs;

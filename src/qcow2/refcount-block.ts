@@ -26,11 +26,11 @@ export function encodeReftableEntry(buf: Uint8Array, index: number, refblockOffs
 
 export function getRefcount(block: Uint8Array, index: number, refcountOrder: number): number {
   switch (refcountOrder) {
-    case 0: return (block[index >>> 3]! >>> (index & 7)) & 0x1;
-    case 1: return (block[index >>> 2]! >>> (2 * (index & 3))) & 0x3;
-    case 2: return (block[index >>> 1]! >>> (4 * (index & 1))) & 0xf;
-    case 3: return block[index]!;
-    case 4: return (block[2 * index]! << 8) | block[2 * index + 1]!;
+    case 0: return (block[index >>> 3] >>> (index & 7)) & 0x1;
+    case 1: return (block[index >>> 2] >>> (2 * (index & 3))) & 0x3;
+    case 2: return (block[index >>> 1] >>> (4 * (index & 1))) & 0xf;
+    case 3: return block[index];
+    case 4: return (block[2 * index] << 8) | block[2 * index + 1];
     case 5: return new DataView(block.buffer, block.byteOffset, block.byteLength).getUint32(4 * index);
     default: {
       const value = toSafeNumber(readU64(block, 8 * index));
@@ -48,7 +48,7 @@ export function setRefcount(block: Uint8Array, index: number, refcountOrder: num
       const byteIndex = Math.floor(index / perByte);
       const shift = (index % perByte) * bits;
       const mask = ((1 << bits) - 1) << shift;
-      block[byteIndex] = (block[byteIndex]! & ~mask) | ((value << shift) & mask);
+      block[byteIndex] = (block[byteIndex] & ~mask) | ((value << shift) & mask);
       return;
     }
     case 3: block[index] = value; return;

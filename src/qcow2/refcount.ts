@@ -149,7 +149,7 @@ export class Refcounts {
    */
   private async ensureRefblock(ri: number, selfCluster: number): Promise<number> {
     if (ri >= this.reftable.length) await this.growReftable(ri);
-    const existing = this.reftable[ri]!;
+    const existing = this.reftable[ri];
     if (existing !== 0) {
       this.checkBlockOffset(ri, existing, this.ctx.fileBytes?.());
       return existing;
@@ -158,7 +158,7 @@ export class Refcounts {
       this.ctx.signalCorruption(true, `refcount decrement for a cluster without a refcount block (reftable index ${ri})`, { structure: 'reftable', index: ri });
     }
     await this.createRefblock(ri, selfCluster);
-    return this.reftable[ri]!;
+    return this.reftable[ri];
   }
 
   /** Create the block for reftable index `ri` at cluster `atCluster` (inside its own coverage), durably. */
@@ -284,7 +284,7 @@ export class Refcounts {
         c = runStart;
         continue;
       }
-      const blockOffset = this.reftable[ri]!;
+      const blockOffset = this.reftable[ri];
       this.checkBlockOffset(ri, blockOffset, this.ctx.fileBytes?.());
       const h = await this.ctx.cache.get(blockOffset);
       const blockEnd = (ri + 1) * g.refblockEntries;
@@ -328,7 +328,7 @@ export class Refcounts {
   async allocatedEnd(): Promise<number> {
     const g = this.geometry;
     for (let ri = this.reftable.length - 1; ri >= 0; ri--) {
-      const block = this.reftable[ri]!;
+      const block = this.reftable[ri];
       if (block <= 0 || block % g.clusterSize !== 0) continue;
       const h = await this.ctx.cache.get(block);
       try {

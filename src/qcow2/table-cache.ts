@@ -109,7 +109,7 @@ export class TableCache {
       if (s >= this.nbSlots) s -= this.nbSlots;
       if (this.pins[s] !== 0) continue;
       if (this.offsets[s] === -1) return s;
-      if (this.lrus[s]! < bestLru) {
+      if (this.lrus[s] < bestLru) {
         best = s;
         bestLru = this.lrus[s]!;
       }
@@ -127,7 +127,7 @@ export class TableCache {
       this.offsets[s] = -1;
     }
     this.pins[s] = 1;
-    const buf = this.bufs[s]!;
+    const buf = this.bufs[s];
     if (read) {
       try {
         const n = await this.file.pread(buf, offset, this.writePoint);
@@ -150,8 +150,8 @@ export class TableCache {
     const s = this.lookup(offset);
     if (s >= 0) {
       this.stats.hits++;
-      this.pins[s]!++;
-      return { slot: s, offset, buf: this.bufs[s]! };
+      this.pins[s]++;
+      return { slot: s, offset, buf: this.bufs[s] };
     }
     this.stats.misses++;
     return this.claim(offset, true);
@@ -161,8 +161,8 @@ export class TableCache {
   async getEmpty(offset: number): Promise<TableHandle> {
     const s = this.lookup(offset);
     if (s >= 0) {
-      this.pins[s]!++;
-      const buf = this.bufs[s]!;
+      this.pins[s]++;
+      const buf = this.bufs[s];
       buf.fill(0);
       return { slot: s, offset, buf };
     }
@@ -172,14 +172,14 @@ export class TableCache {
   /** Unpin. O(1). In writethrough mode a dirty table is written now. */
   async put(handle: TableHandle): Promise<void> {
     const s = handle.slot;
-    this.pins[s]!--;
+    this.pins[s]--;
     this.lrus[s] = ++this.lruCounter;
     if (this.writethrough && this.dirty[s] && this.pins[s] === 0) await this.writeSlot(s);
   }
 
   /** Synchronous unpin without writethrough (for hot read paths that never dirty). */
   release(handle: TableHandle): void {
-    this.pins[handle.slot]!--;
+    this.pins[handle.slot]--;
     this.lrus[handle.slot] = ++this.lruCounter;
   }
 
@@ -226,9 +226,9 @@ export class TableCache {
       this.dependsOnFlushFlag = false;
     }
     if (!this.dirty[s]) return; // written meanwhile
-    const offset = this.offsets[s]!;
+    const offset = this.offsets[s];
     this.beforeWrite?.(offset, this.tableBytes);
-    await this.file.pwrite(this.bufs[s]!, offset, this.writePoint);
+    await this.file.pwrite(this.bufs[s], offset, this.writePoint);
     this.stats.writes++;
     if (this.offsets[s] === offset && this.dirty[s]) {
       this.dirty[s] = 0;
@@ -242,7 +242,7 @@ export class TableCache {
     if (this.nbDirty === 0) return;
     const dirty: number[] = [];
     for (let s = 0; s < this.nbSlots; s++) if (this.dirty[s]) dirty.push(s);
-    dirty.sort((a, b) => this.offsets[a]! - this.offsets[b]!);
+    dirty.sort((a, b) => this.offsets[a] - this.offsets[b]);
     for (const s of dirty) await this.writeSlot(s);
   }
 
@@ -277,7 +277,7 @@ export class TableCache {
   /** Number of slots still pinned (leak detector for tests). */
   pinnedCount(): number {
     let n = 0;
-    for (let s = 0; s < this.nbSlots; s++) if (this.pins[s]! > 0) n++;
+    for (let s = 0; s < this.nbSlots; s++) if (this.pins[s] > 0) n++;
     return n;
   }
 }
