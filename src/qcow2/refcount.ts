@@ -65,6 +65,7 @@ export class Refcounts {
     this.reftableOffset = offset;
     this.reftableClusters = clusters;
     this.reftable = [];
+    this.allocatedClusters = undefined;
     for (let i = 0; i < bytes / 8; i++) {
       // As QEMU: reserved bits are ignored here, a bad offset is corruption where the block is used
       // (-1 stands for one beyond 2^53); check reports both.
@@ -126,6 +127,7 @@ export class Refcounts {
             this.ctx.signalCorruption(true, `refcount of cluster ${c} would become ${value} (was ${old})`, { structure: 'refblock', hostOffset: blockOffset, index });
           }
           setRefcount(h.buf, index, g.refcountOrder, value);
+          if (this.allocatedClusters !== undefined && (old === 0) !== (value === 0)) this.allocatedClusters += value === 0 ? -1 : 1;
           if (value === 0) {
             if (freedStart < 0) freedStart = c;
             if (c < this.freeClusterIndex) this.freeClusterIndex = c;
@@ -172,6 +174,7 @@ export class Refcounts {
     this.ctx.onClustersAllocated(blockOffset, 1);
     if (selfDescribing) {
       setRefcount(buf, g.refblockIndex(atCluster), g.refcountOrder, 1);
+      if (this.allocatedClusters !== undefined) this.allocatedClusters++;
     } else {
       // Counted by the block of its own range, durably, before the refcount table points to it.
       await this.updateRefcount(blockOffset, g.clusterSize, 1);
@@ -237,6 +240,7 @@ export class Refcounts {
       const ri = firstIndex + b;
       for (let c = Math.max(areaStart, ri * g.refblockEntries); c < Math.min(areaEnd, (ri + 1) * g.refblockEntries); c++) {
         setRefcount(block, g.refblockIndex(c), g.refcountOrder, 1);
+        if (this.allocatedClusters !== undefined) this.allocatedClusters++;
       }
       await this.ctx.file.pwrite(block, blockCluster * g.clusterSize, 'refblock');
       newReftable[ri] = blockCluster * g.clusterSize;
@@ -311,8 +315,19 @@ export class Refcounts {
     await this.updateRefcount(hostOffset, bytes, -1);
   }
 
+  /**
+   * Host clusters with a non-zero refcount, kept up to date by updateRefcount after one scan (so a
+   * FUSE getattr asking for st_blocks costs nothing). Undefined until counted.
+   */
+  private allocatedClusters: number | undefined;
+
   /** Number of host clusters with a non-zero refcount. */
   async countAllocatedClusters(): Promise<number> {
+    this.allocatedClusters ??= await this.scanAllocatedClusters();
+    return this.allocatedClusters;
+  }
+
+  private async scanAllocatedClusters(): Promise<number> {
     const g = this.geometry;
     let count = 0;
     for (const block of this.reftable) {
