@@ -41,7 +41,7 @@ type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
 
 export type CacheMode = 'writeback' | 'none' | 'writethrough';
 
-/** Granularity of preallocation ahead of the end of the image file (seed 002). */
+/** Preallocation ahead of the end of the image file (seed 002): up to 1 MiB, 16 clusters. */
 const PREALLOC_AHEAD_BYTES = 1024 * 1024;
 
 export interface Qcow2OpenOptions {
@@ -235,7 +235,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         image.snapshots = table.entries;
         image.snapshotTableBytes = table.tableBytes;
         image.metadata.add('snapshot-table', header.snapshotsOffset, table.tableBytes);
-        for (const s of table.entries) image.metadata.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
+        // An oversized snapshot L1 (corrupt; QEMU refuses it only when used) is not registered: its range could be huge.
+        for (const s of table.entries) if (s.l1Entries <= image.geometry.maxL1Entries) image.metadata.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
       }
       if (options.compress && !options.readOnly) await image.startCompressedWriter(opener, options.compressedWriter);
       if (!options.readOnly && options.check !== true && hasBit(header.incompatibleFeatures, INCOMPAT_DIRTY)) {
@@ -715,10 +716,18 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private async preallocateAhead(runStart: number, runEnd: number): Promise<void> {
     const tracked = this.file as SizeTrackingFile;
     if (this.preallocUnsupported || runEnd <= tracked.sizeBytes) return;
+    const cs = this.geometry.clusterSize;
+    const aheadBytes = Math.max(cs, Math.min(PREALLOC_AHEAD_BYTES, 16 * cs));
     const start = Math.max(tracked.sizeBytes, runStart);
-    const end = Math.max(runEnd, Math.ceil(runEnd / PREALLOC_AHEAD_BYTES) * PREALLOC_AHEAD_BYTES);
-    if (await tracked.zeroRange(start, end - start, false)) this.preallocatedAhead = true;
-    else this.preallocUnsupported = true;
+    const end = Math.max(runEnd, Math.ceil(runEnd / aheadBytes) * aheadBytes);
+    try {
+      if (await tracked.zeroRange(start, end - start, false)) this.preallocatedAhead = true;
+      else this.preallocUnsupported = true;
+    } catch (err) {
+      // Only an optimisation: a host that cannot reserve the space (ENOSPC …) still gets the data
+      // write, which reports the error if it too fails.
+      trace('preallocation of %d+%d failed: %o', start, end - start, err);
+    }
   }
 
   /** Give back the preallocated tail past the last allocated cluster (close). */
@@ -896,6 +905,34 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     if (alignedStart >= alignedEnd || this.dataFileRaw) return;
     await this.forEachClusterRun(alignedStart, alignedEnd, (first, n) => this.activeMap.replaceEntries(first, n, (old) => this.activeMap.discardEntryFor(old, false)));
     if (this.cacheMode === 'writethrough') await this.flush();
+  }
+
+  // ------------------------------------------------------------- drained sections (snapshot-ops.ts)
+
+  /**
+   * Run `fn` under the metadata lock with no guest write in flight (QEMU drains all I/O around
+   * snapshot operations): pending compressed data is linked and the compressed writer's open host
+   * clusters are closed (none is appended to once a snapshot shares it), and every write that
+   * planned against the tables has finished, so `fn` may rewrite L1/L2 tables and refcounts freely.
+   */
+  async runDrained<T>(fn: () => Promise<T>): Promise<T> {
+    this.assertWritable();
+    await this.prepareFirstWrite();
+    for (;;) {
+      await this.compressedWriter?.close();
+      let waitFor: Promise<void> | undefined;
+      const result = await this.lock.run(async () => {
+        this.assertWritable();
+        const busy = this.guestBusy.values().next();
+        if (!busy.done) {
+          waitFor = busy.value.done;
+          return undefined;
+        }
+        return { value: await fn() };
+      });
+      if (result) return result.value;
+      await waitFor;
+    }
   }
 
   /** Write back every cache in order (refcounts before L2) and fdatasync: everything written is durable. */
