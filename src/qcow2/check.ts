@@ -132,6 +132,38 @@ interface CheckSnapshot {
 
 type RefblockRead = Buffer | undefined | 'error';
 
+/** What walking one L2 table did, recorded while it runs. */
+interface L2WalkRecording {
+  messages: string[];
+  /** (host offset, bytes) pairs passed to incRefcounts. */
+  incs: number[];
+  /** Corruptions incRefcounts counted (they come back on replay). */
+  incCorruptions: number;
+}
+
+/** The replayable effect of walking one L2 table. */
+interface L2WalkEffect {
+  messages: string[];
+  incs: number[];
+  corruptions: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+/** L2 table offsets an L1 table lists more than once, or undefined when none is repeated. */
+function repeatedTables(l1: Buffer, entries: number): Set<number> | undefined {
+  const seen = new Set<number>();
+  let repeated: Set<number> | undefined;
+  for (let i = 0; i < entries; i++) {
+    const offset = entryOffset(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
+    if (offset === 0) continue;
+    if (seen.has(offset)) (repeated ??= new Set()).add(offset);
+    else seen.add(offset);
+  }
+  return repeated;
+}
+
 /** One pass of QEMU's qcow2_co_check_locked over an image. */
 class Checker {
   private readonly image: Qcow2Image;
@@ -149,6 +181,8 @@ class Checker {
   private progressTotal = 0;
   /** Structures moved or rewritten: the metadata map must be rebuilt. */
   changedLayout = false;
+  /** Set while the walk of an L2 table is recorded for replay. */
+  private recording: L2WalkRecording | undefined;
 
   constructor(image: Qcow2Image, fix: FixMode, log: (line: string) => void, onProgress?: (done: number, total: number) => void) {
     this.image = image;
@@ -176,6 +210,12 @@ class Checker {
 
   private async refreshFileBytes(): Promise<void> {
     this.fileBytes = await this.image.file.size();
+  }
+
+  /** A diagnostic of an L2 walk (recorded for replay when the walk is). */
+  private note(line: string): void {
+    this.recording?.messages.push(line);
+    this.log(line);
   }
 
   private progress(units: number): void {
@@ -374,9 +414,12 @@ class Checker {
   private incRefcounts(res: CheckCounters, hostOffset: number, bytes: number): void {
     if (bytes <= 0) return;
     const cs = this.clusterSize;
+    const recording = this.recording;
+    if (recording) recording.incs.push(hostOffset, bytes);
     if (hostOffset + bytes - this.fileBytes >= cs) {
       this.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(hostOffset)} size 0x${hex(bytes)}`);
       res.corruptions++;
+      if (recording) recording.incCorruptions++;
       return;
     }
     const first = Math.floor(hostOffset / cs);
@@ -388,6 +431,7 @@ class Checker {
         this.log(`ERROR: overflow cluster offset=0x${hex(k * cs)}`);
         this.log('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
         res.corruptions++;
+        if (recording) recording.incCorruptions++;
         continue;
       }
       this.refs.set(k, refcount + 1);
@@ -433,15 +477,46 @@ class Checker {
   }
 
   /** QEMU's check_refcounts_l2. */
-  private async checkRefcountsL2(res: CheckCounters, l2Offset: number, fragInfo: boolean, fix: FixMode, active: boolean): Promise<void> {
+  /**
+   * QEMU's check_refcounts_l2. `memo` holds the effect of tables this L1 table refers to more than
+   * once (only a corrupt image does that): a repeated visit replays it instead of walking again,
+   * so an L1 table full of pointers to one cluster costs one walk, not one per entry.
+   */
+  private async checkRefcountsL2(res: CheckCounters, l2Offset: number, fragInfo: boolean, fix: FixMode, active: boolean, memo: Map<number, L2WalkEffect> | undefined): Promise<void> {
     const g = this.image.geometry;
     if (l2Offset >= this.fileBytes) return; // reads as zeros: no entry to count or flag
+    const replay = memo?.get(l2Offset);
+    if (replay) {
+      for (const line of replay.messages) this.log(line);
+      res.corruptions += replay.corruptions;
+      res.allocatedClusters += replay.allocatedClusters;
+      res.fragmentedClusters += replay.fragmentedClusters;
+      res.compressedClusters += replay.compressedClusters;
+      for (let k = 0; k < replay.incs.length; k += 2) this.incRefcounts(res, replay.incs[k]!, replay.incs[k + 1]!);
+      return;
+    }
     const table = await this.read(l2Offset, g.clusterSize);
-    const fixedBefore = res.corruptionsFixed;
+    const before = { ...res };
+    const recording: L2WalkRecording | undefined = memo ? { messages: [], incs: [], incCorruptions: 0 } : undefined;
+    this.recording = recording;
     try {
       await this.countL2Entries(res, l2Offset, table, fragInfo, fix, active);
     } finally {
-      if (res.corruptionsFixed !== fixedBefore) await this.image.file.fdatasync();
+      this.recording = undefined;
+      if (res.corruptionsFixed !== before.corruptionsFixed) {
+        memo?.clear(); // the file changed: recorded walks may be stale
+        await this.image.file.fdatasync();
+      }
+    }
+    if (memo && recording && res.corruptionsFixed === before.corruptionsFixed && res.checkErrors === before.checkErrors) {
+      memo.set(l2Offset, {
+        messages: recording.messages,
+        incs: recording.incs,
+        corruptions: res.corruptions - before.corruptions - recording.incCorruptions,
+        allocatedClusters: res.allocatedClusters - before.allocatedClusters,
+        fragmentedClusters: res.fragmentedClusters - before.fragmentedClusters,
+        compressedClusters: res.compressedClusters - before.compressedClusters,
+      });
     }
   }
 
@@ -455,7 +530,7 @@ class Checker {
       const e = readL2Entry(table, i, g);
       const kind = clusterKind(e, g, hasDataFile);
       if (kind !== 'compressed' && ((e.hi & 0x3f000000) !== 0 || (e.lo & 0x1fe) !== 0)) {
-        this.log(`ERROR found l2 entry with reserved bits set: ${rawHex(e.hi, e.lo)}`);
+        this.note(`ERROR found l2 entry with reserved bits set: ${rawHex(e.hi, e.lo)}`);
         res.corruptions++;
       }
       switch (kind) {
@@ -463,17 +538,17 @@ class Checker {
           let entry = e;
           if ((e.hi & 0x80000000) !== 0) {
             const d = decodeCompressed(e, g);
-            this.log(`ERROR: coffset=0x${hex(d.hostOffset)}: copied flag must never be set for compressed clusters`);
+            this.note(`ERROR: coffset=0x${hex(d.hostOffset)}: copied flag must never be set for compressed clusters`);
             entry = { ...e, hi: (e.hi & 0x7fffffff) >>> 0 };
             res.corruptions++;
           }
           if (hasDataFile) {
-            this.log(`ERROR compressed cluster ${i} with data file, entry=0x${rawHex(entry.hi, entry.lo)}`);
+            this.note(`ERROR compressed cluster ${i} with data file, entry=0x${rawHex(entry.hi, entry.lo)}`);
             res.corruptions++;
             break;
           }
           if (e.allocBitmap !== 0 || e.zeroBitmap !== 0) {
-            this.log(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${rawHex(entry.hi, entry.lo)}`);
+            this.note(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${rawHex(entry.hi, entry.lo)}`);
             res.corruptions++;
             break;
           }
@@ -491,20 +566,20 @@ class Checker {
           const offset = l2HostOffset(e);
           if ((e.zeroBitmap & e.allocBitmap) !== 0) {
             res.corruptions++;
-            this.log(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+            this.note(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
           }
           if (offset % g.clusterSize !== 0) {
             res.corruptions++;
             const containsData = g.extendedL2 ? e.allocBitmap !== 0 : (e.lo & 1) === 0;
             if (!containsData) {
-              this.log(`${fix.errors ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+              this.note(`${fix.errors ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
               if (fix.errors) {
                 const outcome = await this.fixL2EntryByZero(res, l2Offset, table, i, active);
                 if (outcome === 'overlap') throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
                 if (outcome === 'fixed') continue;
               }
             } else {
-              this.log(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+              this.note(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
             }
           }
           if (fragInfo) {
@@ -520,7 +595,7 @@ class Checker {
         case 'unallocated':
           if (e.allocBitmap !== 0) {
             res.corruptions++;
-            this.log('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+            this.note('ERROR: Unallocated cluster has non-zero subcluster allocation map');
           }
           break;
       }
@@ -533,6 +608,8 @@ class Checker {
     const cs = this.clusterSize;
     this.incRefcounts(res, l1Offset, l1Entries * 8);
     const l1 = await this.read(l1Offset, l1Entries * 8);
+    const repeated = repeatedTables(l1, l1Entries);
+    const memo = repeated ? new Map<number, L2WalkEffect>() : undefined;
     for (let i = 0; i < l1Entries; i++) {
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
@@ -548,7 +625,7 @@ class Checker {
         this.log(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
         res.corruptions++;
       }
-      await this.checkRefcountsL2(res, l2Offset, fragInfo, fix, active);
+      await this.checkRefcountsL2(res, l2Offset, fragInfo, fix, active, memo !== undefined && repeated!.has(l2Offset) ? memo : undefined);
     }
     this.progress(l1Entries % 64);
   }
@@ -768,6 +845,9 @@ class Checker {
     const repair = fix.errors ? true : fix.leaks ? res.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0 : false;
     const refcountOf = this.refcountReader();
     const l1 = image.activeMap.l1;
+    const repeated = repeatedTables(l1.buf, l1.entries);
+    /** Mismatches found in tables listed more than once (replayed, not re-walked, while nothing was rewritten). */
+    const memo = new Map<number, { messages: string[]; mismatches: number }>();
     for (let i = 0; i < l1.entries; i++) {
       const hi = l1.buf.readUInt32BE(i * 8);
       const lo = l1.buf.readUInt32BE(i * 8 + 4);
@@ -788,8 +868,17 @@ class Checker {
           res.corruptionsFixed++;
         }
       }
+      const replay = memo.get(l2Offset);
+      if (replay) {
+        for (const line of replay.messages) this.log(line);
+        res.corruptions += replay.mismatches;
+        res.refcountCorruptions += replay.mismatches;
+        continue;
+      }
       const table = await this.read(l2Offset, g.clusterSize);
+      const messages: string[] = [];
       let dirty = 0;
+      let mismatches = 0;
       for (let j = 0; j < g.l2Entries; j++) {
         if (isZeroEntry(table, j, g.l2EntryBytes)) continue;
         const e = readL2Entry(table, j, g);
@@ -801,7 +890,10 @@ class Checker {
         if ((dataRefcount === 1) !== dataCopied) {
           res.corruptions++;
           res.refcountCorruptions++;
-          this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${rawHex(e.hi, e.lo)} refcount=${dataRefcount}`);
+          mismatches++;
+          const line = `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${rawHex(e.hi, e.lo)} refcount=${dataRefcount}`;
+          messages.push(line);
+          this.log(line);
           if (repair) {
             writeL2Entry(table, j, g, { ...e, hi: dataRefcount === 1 ? (e.hi | 0x80000000) >>> 0 : (e.hi & 0x7fffffff) >>> 0 });
             dirty++;
@@ -825,6 +917,9 @@ class Checker {
         res.corruptions -= dirty;
         res.refcountCorruptions -= dirty;
         res.corruptionsFixed += dirty;
+        memo.clear(); // the file changed: recorded tables may be stale
+      } else if (repeated?.has(l2Offset) === true) {
+        memo.set(l2Offset, { messages, mismatches });
       }
     }
   }

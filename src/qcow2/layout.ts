@@ -126,12 +126,15 @@ async function readHost(image: Qcow2Image, fileBytes: number, hostOffset: number
   return buf;
 }
 
-/** Offsets of the L2 tables an L1 table points to (with their L1 index), aligned and inside the file. */
+/** Offsets of the L2 tables an L1 table points to (with their L1 index), aligned, inside the file, each once. */
 function l2Tables(l1: Buffer, entries: number, clusterSize: number, fileBytes: number): { l1Index: number; l2Offset: number }[] {
   const tables: { l1Index: number; l2Offset: number }[] = [];
+  const seen = new Set<number>();
   for (let i = 0; i < entries; i++) {
     const { l2Offset } = decodeL1Entry(l1, i);
-    if (l2Offset !== 0 && l2Offset % clusterSize === 0 && l2Offset < fileBytes) tables.push({ l1Index: i, l2Offset });
+    if (l2Offset === 0 || l2Offset % clusterSize !== 0 || l2Offset >= fileBytes || seen.has(l2Offset)) continue;
+    seen.add(l2Offset); // a table listed twice (corrupt) is drawn once, for its first index
+    tables.push({ l1Index: i, l2Offset });
   }
   return tables;
 }

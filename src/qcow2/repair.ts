@@ -263,8 +263,11 @@ export function reregisterMetadata(image: Qcow2Image): void {
   for (const block of image.refcounts.reftable) if (block > 0) map.add('refblock', block, g.clusterSize);
   image.activeMap.registerMetadata('l1');
   if (image.snapshots.length > 0) {
-    map.add('snapshot-table', image.header.snapshotsOffset, image.snapshotTableBytes);
-    for (const s of image.snapshots) map.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
+    if (Number.isSafeInteger(image.header.snapshotsOffset)) map.add('snapshot-table', image.header.snapshotsOffset, image.snapshotTableBytes);
+    for (const s of image.snapshots) {
+      // A corrupt snapshot L1 (past 2^53, oversized) is not registered: its range could be unbounded.
+      if (Number.isSafeInteger(s.l1TableOffset) && s.l1Entries <= g.maxL1Entries) map.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
+    }
   }
 }
 
