@@ -33,10 +33,15 @@ const USAGE = `usage: qcow2fuse convert [-p] [-q] [-c] [-f qcow2] [-t CACHE] [-l
   -p             show progress (on stderr)
 `;
 
-/** Guest bytes per read request; windows start at multiples of this. */
+/**
+ * Guest bytes per read request; windows start at multiples of this (a multiple of every cluster
+ * size). A window of compressed clusters is decompressed in parallel.
+ */
 const WINDOW_BYTES = 8 * 1024 * 1024;
 /** Read requests in flight ahead of the writer. */
 const READ_AHEAD = 4;
+/** Windows being written at once (file outputs). */
+const WRITE_AHEAD = 4;
 /** Granularity of the zero detection in data (qemu-img convert's default min_sparse). */
 const SPARSE_BYTES = 4096;
 
@@ -99,6 +104,8 @@ interface Chunk {
 }
 
 interface Sink {
+  /** Chunks must be written one after another, in guest order (a stream). */
+  ordered: boolean;
   write(chunk: Chunk): Promise<void>;
   close(): Promise<void>;
 }
@@ -168,6 +175,7 @@ async function rawFileSink(path: string, virtualSize: number, sync: boolean): Pr
     throw err;
   }
   return {
+    ordered: false,
     async write(chunk) {
       if (!chunk.data) return;
       for (const [start, end] of nonZeroRuns(chunk.data, SPARSE_BYTES)) {
@@ -191,6 +199,7 @@ async function rawFileSink(path: string, virtualSize: number, sync: boolean): Pr
 /** stdout: every byte, in order. */
 function stdoutSink(): Sink {
   return {
+    ordered: true,
     async write(chunk) {
       if (chunk.data) {
         await writeOut(chunk.data);
@@ -209,6 +218,7 @@ async function qcow2Sink(path: string, virtualSize: number, options: CreateOptio
   const image = await Qcow2Image.open(path, { readOnly: false, compress });
   const clusterBytes = image.geometry.clusterSize;
   return {
+    ordered: false,
     async write(chunk) {
       if (!chunk.data) return;
       // Windows start cluster aligned (WINDOW_BYTES is a multiple of every cluster size), so runs are too.
@@ -220,18 +230,34 @@ async function qcow2Sink(path: string, virtualSize: number, options: CreateOptio
   };
 }
 
-/** Copy every window of `source` into `sink`, reads running READ_AHEAD windows ahead of writes. */
+/**
+ * Copy every window of `source` into `sink`: reads run READ_AHEAD windows ahead; an unordered sink
+ * (a file) also gets up to WRITE_AHEAD windows written at once, so a stalled write does not stall reads.
+ */
 async function copy(source: Source, sink: Sink, probe: HostAllocationProbe, onProgress: (doneBytes: number) => void): Promise<void> {
   const freeWindows: Buffer[] = [];
   const reading: { chunk: Promise<Chunk>; window?: Buffer }[] = [];
+  const writing = new Set<Promise<void>>();
+  let failure: { error: unknown } | undefined;
   let doneBytes = 0;
-  const drainOne = async (): Promise<void> => {
-    const { chunk, window } = reading.shift()!;
-    const c = await chunk;
-    await sink.write(c);
+  const written = (c: Chunk, window: Buffer | undefined): void => {
     if (window) freeWindows.push(window);
     doneBytes += c.bytes;
     onProgress(doneBytes);
+  };
+  const drainOne = async (): Promise<void> => {
+    const { chunk, window } = reading.shift()!;
+    const c = await chunk;
+    if (sink.ordered) {
+      await sink.write(c);
+      written(c, window);
+      return;
+    }
+    const w = sink.write(c).then(() => written(c, window), (error: unknown) => { failure ??= { error }; });
+    writing.add(w);
+    void w.finally(() => writing.delete(w));
+    while (writing.size >= WRITE_AHEAD) await Promise.race(writing);
+    if (failure) throw failure.error;
   };
   try {
     for await (const w of plan(source, probe)) {
@@ -247,9 +273,11 @@ async function copy(source: Source, sink: Sink, probe: HostAllocationProbe, onPr
       if (reading.length >= READ_AHEAD) await drainOne();
     }
     while (reading.length > 0) await drainOne();
+    await Promise.all(writing);
+    if (failure) throw failure.error;
   } finally {
-    // Settle reads still in flight after a failure before the image is closed under them.
-    await Promise.allSettled(reading.map((r) => r.chunk));
+    // Settle I/O still in flight after a failure before the image and the output are closed under it.
+    await Promise.allSettled([...reading.map((r) => r.chunk), ...writing]);
   }
 }
 
