@@ -4,6 +4,11 @@
  * Each command lives in ./commands/NAME.ts and exports `summary` and `run(argv): Promise<number>`
  * (the process exit code).
  */
+// Host I/O (O_DIRECT writes above all) and compression run on libuv's threadpool, which starts on
+// first use with UV_THREADPOOL_SIZE threads (default 4): 4 requests in flight cannot keep a disk
+// busy the way qemu's 64-deep AIO does. This runs before any command module touches the pool.
+process.env.UV_THREADPOOL_SIZE ??= '16';
+
 export interface Command {
   summary: string;
   run(argv: string[]): Promise<number>;

@@ -126,30 +126,31 @@ export class ClusterMap {
   /** Validate an entry read from an L2 table as QEMU does on access. */
   private checkEntry(e: RawL2Entry, l2Offset: number, index: number): void {
     const kind = clusterKind(e, this.g, this.ctx.hasDataFile);
-    const where = { structure: 'l2', hostOffset: l2Offset + index * this.g.l2EntryBytes, index, rawEntry: entryHex(e.hi, e.lo) };
+    // Built only when reporting: checkEntry runs for every entry of every request.
+    const at = () => ({ structure: 'l2', hostOffset: l2Offset + index * this.g.l2EntryBytes, index, rawEntry: entryHex(e.hi, e.lo) });
     if (kind === 'compressed') {
-      if (this.ctx.hasDataFile) this.ctx.signalCorruption(true, 'compressed cluster in an image with an external data file', where);
+      if (this.ctx.hasDataFile) this.ctx.signalCorruption(true, 'compressed cluster in an image with an external data file', at());
       const d = decodeCompressed(e, this.g);
       if (d.hostOffset + 1 > this.ctx.fileBytes()) {
-        this.ctx.signalCorruption(true, `compressed cluster at ${d.hostOffset} lies past the end of the file`, where);
+        this.ctx.signalCorruption(true, `compressed cluster at ${d.hostOffset} lies past the end of the file`, at());
       }
       return;
     }
     if (kind === 'zero-plain' || kind === 'zero-alloc') {
-      if (this.ctx.version < 3) this.ctx.signalCorruption(true, 'zero cluster entry in a pre-v3 image', where);
+      if (this.ctx.version < 3) this.ctx.signalCorruption(true, 'zero cluster entry in a pre-v3 image', at());
     }
     if (kind === 'normal' || kind === 'zero-alloc') {
       const host = l2HostOffset(e);
       if (host % this.g.clusterSize !== 0) {
-        this.ctx.signalCorruption(true, `cluster allocation offset ${host} unaligned (L2 offset ${l2Offset}, index ${index})`, where);
+        this.ctx.signalCorruption(true, `cluster allocation offset ${host} unaligned (L2 offset ${l2Offset}, index ${index})`, at());
       }
       if (!this.ctx.hasDataFile && host + 1 > this.ctx.fileBytes() && kind === 'normal') {
-        this.ctx.signalCorruption(true, `data cluster at ${host} lies past the end of the file`, where);
+        this.ctx.signalCorruption(true, `data cluster at ${host} lies past the end of the file`, at());
       }
     }
     if (this.g.extendedL2 && (kind === 'normal' || kind === 'unallocated')) {
       if (subclusterKind(e, 0, this.g, this.ctx.hasDataFile) === 'invalid') {
-        this.ctx.signalCorruption(true, 'invalid subcluster allocation bitmap', where);
+        this.ctx.signalCorruption(true, 'invalid subcluster allocation bitmap', at());
       }
     }
     if (hasReservedBits(e, this.g) && kind !== 'unallocated') {
