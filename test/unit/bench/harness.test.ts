@@ -58,7 +58,7 @@ describe.skipIf(!ready)('npm run bench (compiled harness, tiny sizes)', () => {
     expect(result.code, result.stderr).toBe(0);
     const report = await readFile(out, 'utf8');
     expect(report).toBe(result.stdout);
-    expect(report).toMatch(/\| O_DIRECT, 4 MiB \| dd oflag=direct conv=fsync \| 2 \| [\d.]+ \| \d+ \| reference \| 0\.0 \|/);
+    expect(report).toMatch(/\| O_DIRECT, 4 MiB \| dd oflag=direct conv=fdatasync \| 2 \| [\d.]+ \| \d+ \| reference \| 0\.0 \|/);
     expect(report).toMatch(/\| O_DIRECT, 4 MiB \| qcow2fuse HostFile direct \+ alignedBuffer \| 2 \| [\d.]+ \| \d+ \| [\d.]+× \| 0\.0 \|/);
     expect(report).toMatch(/\| buffered, 4 MiB \| node fs \+ fdatasync \| 2 \| [\d.]+ \| \d+ \| [\d.]+× \| 4\.0 \|/);
     expect(report).toMatch(/\| page cache \| NOT dropped/);
