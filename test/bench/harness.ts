@@ -3,7 +3,8 @@
  * side by side with the QEMU/system tools in the same run and reported as ratios).
  *
  * A benchmark module exports `benchmark: Benchmark`. Its `run(ctx)` performs `ctx.reps` repetitions
- * of every case (ours and the counterpart, interleaved so drift hits both alike) and returns one
+ * of every case (ours and the counterpart interleaved, their order rotated between repetitions, so
+ * drift and the VM's first-run penalty hit all alike) and returns one
  * BenchRow per case and repetition. Timed runs go through `ctx.timed`, which drops the page cache
  * first (`sync; echo 3 > /proc/sys/vm/drop_caches`, as bench/anchors.sh does) and records the growth
  * of `Cached:` in /proc/meminfo. The harness reports medians, MB/s and each tool's time relative to
