@@ -156,7 +156,12 @@ async function qcow2HostOffset(layer: Qcow2Layer, guestOffset: number, bytes: nu
   const end = Math.min(guestOffset + bytes, guestOffset - (guestOffset % sliceCoverage) + sliceCoverage);
   const l1Index = g.l1Index(guestOffset);
   const { l2Offset } = map.l2TableOffset(l1Index);
-  if (l2Offset === 0) return { type: 'unallocated-plain', bytes: end - guestOffset, hostOffset: 0 };
+  if (l2Offset === 0) {
+    // No L2 table: unallocated up to the next L1 entry that has one (a huge empty disk maps quickly).
+    let next = l1Index + 1;
+    while (next * g.l2CoverageBytes < guestOffset + bytes && map.l2TableOffset(next).l2Offset === 0) next++;
+    return { type: 'unallocated-plain', bytes: Math.min(guestOffset + bytes, next * g.l2CoverageBytes) - guestOffset, hostOffset: 0 };
+  }
   const h = await image.l2Cache.get(l2Offset + g.l2SliceIndex(guestOffset) * g.l2SliceBytes);
   try {
     const hasDataFile = image.hasDataFile;
