@@ -17,7 +17,9 @@
  *   references are dropped and its L1 freed, synced; then COPIED is set where a refcount fell to 1.
  * - apply: the snapshot's references are incremented and COPIED cleared in its tables, synced, before
  *   the active L1 is overwritten with its L1 (COPIED clear, synced); then the old active references
- *   are dropped, synced; then the size is switched and COPIED recomputed in the new active tables.
+ *   are dropped, synced; then the size is switched. COPIED stays clear: everything the new active
+ *   tables reach is also the snapshot's, so no refcount there is 1 (QEMU's final addend-0 pass
+ *   finds nothing to set).
  * COPIED is only ever set after the refcount that justifies it is on disk; clearing it is always safe.
  */
 import debugFactory from 'debug';
@@ -153,7 +155,6 @@ export async function applySnapshot(image: Qcow2Image, ref: string): Promise<Sna
       await forEachReference(image, new ClusterMap(active.ctx, old, false), (hostOffset, bytes) => active.freeHostClusters(hostOffset, bytes));
       await syncTables(image);
       if (newVirtualSize !== image.virtualSize) await image.updateHeader({ virtualSize: newVirtualSize });
-      await recomputeCopied(image);
       active.registerMetadata('l1');
     } finally {
       await view.close();
