@@ -111,6 +111,7 @@ export async function forceUnmount(dir: string): Promise<boolean> {
     }
     if (!done) await run(findTool('umount') ?? 'umount', ['-l', target], { timeoutMs: 30_000 });
     entry = await findMount(target);
+    if (entry !== undefined) await sleep(100);
   }
   return true;
 }

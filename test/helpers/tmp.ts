@@ -100,15 +100,21 @@ export interface TempDirHandle {
   file(name: string): string;
 }
 
-/** Register, in the current describe, a fresh temp dir for each test (beforeEach / afterEach). */
+/**
+ * Register, in the current describe, a fresh temp dir for each test (beforeEach / afterEach). A mount
+ * still below it after the test is unmounted and fails the test.
+ */
 export function useTempDir(prefix = 'tmp'): TempDirHandle {
   let current: string | undefined;
   beforeEach(async () => {
     current = await makeTempDir(prefix);
   });
   afterEach(async () => {
-    if (current !== undefined) await removeTempDir(current);
+    const dir = current;
     current = undefined;
+    if (dir === undefined) return;
+    const leaked = await removeTempDir(dir);
+    if (leaked.length > 0) throw new Error(`after test: mounts left behind (now unmounted): ${leaked.join(', ')}`);
   });
   return {
     get path(): string {
