@@ -15,6 +15,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { processStartTime, readState } from '../../src/fuse/runtime.js';
 import { run, type ExecResult } from './exec.js';
+import { findTool } from './tools.js';
 import { forceUnmount, isMounted, registerMount, unregisterMount } from './mount.js';
 import { qemuImg, qemuImgCheck, qemuImgCompare, type QemuImgCheckReport } from './qemu.js';
 
@@ -79,6 +80,90 @@ export async function writeOnesFile(path: string, bytes: number): Promise<void> 
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * Python (ctypes) side of openResidencyProbe: holds FILE open; for each line on stdin it maps the
+ * file (PROT_NONE, MAP_SHARED), asks mincore(2) which pages are resident and prints the byte count —
+ * or "direct_io" when the kernel refuses the mapping (ENODEV: a FUSE file opened direct_io, which has
+ * no page cache at all).
+ */
+const MINCORE_PY = `
+import ctypes, errno, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+page = os.sysconf("SC_PAGE_SIZE")
+print("ready", flush=True)
+for _ in sys.stdin:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        print(0, flush=True); continue
+    addr = libc.mmap(None, size, 0, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        e = ctypes.get_errno()
+        print("direct_io" if e == errno.ENODEV else "error " + os.strerror(e), flush=True); continue
+    vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+    rc = libc.mincore(addr, size, vec)
+    e = ctypes.get_errno()
+    libc.munmap(addr, size)
+    print(sum(v & 1 for v in vec) * page if rc == 0 else "error " + os.strerror(e), flush=True)
+`;
+
+/** Page-cache residency of one file, seen through a descriptor opened before the file was written. */
+export interface ResidencyProbe {
+  /** Bytes resident now, or 'direct_io' when the file cannot be cached at all. */
+  measure(): Promise<number | 'direct_io'>;
+  close(): Promise<void>;
+}
+
+/**
+ * Open `path` and keep it open to measure its page cache later. Unlike `fincore PATH`, which opens
+ * the file when it measures, this works for FUSE files: a FUSE open without keep_cache drops the
+ * file's cache, so only a descriptor opened beforehand sees what a copy left cached (DESIGN §4:
+ * "fincore cannot see a FUSE file's cache").
+ */
+export async function openResidencyProbe(path: string): Promise<ResidencyProbe> {
+  const child = spawn(findTool('python3') ?? 'python3', ['-c', MINCORE_PY, path], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (s: string) => { stderr += s; });
+  const lines: string[] = [];
+  const waiting: ((line: string | undefined) => void)[] = [];
+  let buffered = '';
+  child.stdout.setEncoding('utf8').on('data', (s: string) => {
+    buffered += s;
+    for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      const waiter = waiting.shift();
+      if (waiter) waiter(line);
+      else lines.push(line);
+    }
+  });
+  const exited = new Promise<void>((resolveExit) => child.on('close', () => resolveExit()));
+  void exited.then(() => { for (const w of waiting.splice(0)) w(undefined); });
+  const nextLine = (): Promise<string> => new Promise<string>((resolveLine, rejectLine) => {
+    const line = lines.shift();
+    if (line !== undefined) { resolveLine(line); return; }
+    waiting.push((l) => (l === undefined ? rejectLine(new Error(`residency probe of ${path} ended: ${stderr.trim()}`)) : resolveLine(l)));
+  });
+  if (await nextLine() !== 'ready') throw new Error(`residency probe of ${path} did not start: ${stderr.trim()}`);
+  return {
+    async measure() {
+      child.stdin.write('measure\n');
+      const line = await nextLine();
+      if (line === 'direct_io') return 'direct_io';
+      if (!/^\d+$/.test(line)) throw new Error(`residency probe of ${path}: ${line}`);
+      return Number(line);
+    },
+    async close() {
+      child.stdin.end();
+      await exited;
+    },
+  };
 }
 
 /** A child process: its pid and its completion (output and exit code; never rejects once started). */
