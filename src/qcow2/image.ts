@@ -41,6 +41,11 @@ type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
 
 export type CacheMode = 'writeback' | 'none' | 'writethrough';
 
+/** A buffer for a write to `file`: aligned memory when the file is opened O_DIRECT. */
+function allocIoBuffer(file: HostFile, bytes: number): Buffer {
+  return file.direct ? allocAligned(bytes, Math.max(file.dioAlignment, 512)) : Buffer.allocUnsafe(bytes);
+}
+
 /** Preallocation ahead of the end of the image file (seed 002): up to 1 MiB, 16 clusters. */
 const PREALLOC_AHEAD_BYTES = 1024 * 1024;
 
@@ -282,7 +287,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       maxRefcount: this.geometry.maxRefcount,
       locked: (fn) => this.lock.run(fn),
       readCurrent: (guestOffset, buf) => this.readIntoMap(this.activeMap, guestOffset, buf, false),
-      writeUncompressed: (guestOffset, data) => this.writeNormal(guestOffset, data),
+      writeUncompressed: (guestOffset, data) => this.writeNormal(guestOffset, data, directTracked),
       zeroCluster: (clusterIndex) => this.zeroClusterForCompress(clusterIndex),
       allocClustersLocked: (n) => this.refcounts.allocClusters(n),
       updateRefcountLocked: (hostClusterIndex, addend) => addend < 0
@@ -637,7 +642,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   /** The uncompressed write path: allocate, COW, write data, link. */
-  private async writeNormal(guestOffset: number, data: Uint8Array): Promise<void> {
+  /**
+   * @param dataFile where the data goes: the image's data file, or (compressed mounts writing a
+   *   cluster that does not compress) the O_DIRECT handle, so it does not fill the page cache either.
+   */
+  private async writeNormal(guestOffset: number, data: Uint8Array, dataFile: HostFile = this.dataFile): Promise<void> {
     const src = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     let done = 0;
     while (done < src.length) {
@@ -660,7 +669,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         await result.waitFor;
         continue;
       }
-      const results = await Promise.allSettled(result.plans.map((p) => this.executePlan(p, src.subarray(p.guestOffset - guestOffset, p.guestOffset - guestOffset + p.bytes))));
+      const results = await Promise.allSettled(result.plans.map((p) => this.executePlan(p, src.subarray(p.guestOffset - guestOffset, p.guestOffset - guestOffset + p.bytes), dataFile)));
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw failed.reason;
       done += result.plans.reduce((n, p) => n + p.bytes, 0);
@@ -672,7 +681,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
    * Write one planned run: data (with COW fill) outside the lock, then link under it. A failed data
    * write releases the new clusters (never linked) and leaves the old mapping in place.
    */
-  private async executePlan(plan: ClusterWritePlan, data: Buffer): Promise<void> {
+  private async executePlan(plan: ClusterWritePlan, data: Buffer, dataFile: HostFile): Promise<void> {
     const g = this.geometry;
     const runStart = plan.firstCluster * g.clusterSize;
     try {
@@ -681,7 +690,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         this.activeMap.assertNoOverlap(plan.hostOffset + (plan.guestOffset - runStart), data.length, 'data');
         const range = this.hasDataFile ? undefined : this.addHostInflight(plan.hostOffset + (plan.guestOffset - runStart), data.length);
         try {
-          await this.dataFile.pwrite(data, plan.hostOffset + (plan.guestOffset - runStart), 'data');
+          await dataFile.pwrite(data, plan.hostOffset + (plan.guestOffset - runStart), 'data');
         } finally {
           if (range) this.removeHostInflight(range);
         }
@@ -689,7 +698,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       }
       const newEntries: RawL2Entry[] = [];
       try {
-        await this.writeWithFill(plan, data);
+        await this.writeWithFill(plan, data, dataFile);
         for (let i = 0; i < plan.nbClusters; i++) {
           const clusterStart = runStart + i * g.clusterSize;
           const start = Math.max(plan.guestOffset, clusterStart) - clusterStart;
@@ -744,7 +753,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
    * cover are filled with their current guest contents. A fill that would be zeros is skipped when
    * the host clusters are known to read as zero, or done with fallocate ZERO_RANGE (seed 002).
    */
-  private async writeWithFill(plan: ClusterWritePlan, data: Buffer): Promise<void> {
+  private async writeWithFill(plan: ClusterWritePlan, data: Buffer, dataFile: HostFile): Promise<void> {
     const g = this.geometry;
     const runStart = plan.firstCluster * g.clusterSize;
     const runEnd = runStart + plan.nbClusters * g.clusterSize;
@@ -773,7 +782,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     }
     const host = (guest: number): number => plan.hostOffset + (guest - runStart);
     if (fillStart === reqStart && fillEnd === reqEnd) {
-      await this.pwriteData(data, host(reqStart));
+      await dataFile.pwrite(data, host(reqStart), 'data');
       return;
     }
     const head = reqStart - fillStart;
@@ -784,33 +793,26 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     const tailZero = tail === 0 || await this.readOldForCow(reqEnd, tailBuf);
     if (headZero && tailZero && moved) {
       if (plan.hostKnownZero) {
-        await this.pwriteData(data, host(reqStart));
+        await dataFile.pwrite(data, host(reqStart), 'data');
         return;
       }
       if (this.preallocate && await this.dataFile.zeroRange(host(fillStart), fillEnd - fillStart, true)) {
-        await this.pwriteData(data, host(reqStart));
+        await dataFile.pwrite(data, host(reqStart), 'data');
         return;
       }
     }
-    const buf = this.allocIoBuffer(fillEnd - fillStart);
+    const buf = allocIoBuffer(dataFile, fillEnd - fillStart);
     headBuf.copy(buf, 0);
     data.copy(buf, head);
     tailBuf.copy(buf, head + data.length);
-    await this.pwriteData(buf, host(fillStart));
+    await dataFile.pwrite(buf, host(fillStart), 'data');
   }
 
-  private allocIoBuffer(bytes: number): Buffer {
-    return this.dataFile.direct ? allocAligned(bytes, Math.max(this.dataFile.dioAlignment, 512)) : Buffer.allocUnsafe(bytes);
-  }
 
   private entryHasOwnData(e: RawL2Entry): boolean {
     return isCompressed(e) || ((this.hasDataFile || l2HostOffset(e) !== 0) && e.allocBitmap !== 0);
   }
 
-  private async pwriteData(buf: Buffer, hostOffset: number): Promise<void> {
-    this.activeMap.assertNoOverlap(hostOffset, buf.length, 'data');
-    await this.dataFile.pwrite(buf, hostOffset, 'data');
-  }
 
   /** Fill `buf` with the current guest contents at `guestOffset` (the COW source); true when it is all zeros by mapping. */
   private async readOldForCow(guestOffset: number, buf: Buffer): Promise<boolean> {
