@@ -57,8 +57,6 @@ export interface CheckCounters {
   corruptionsFixed: number;
   leaksFixed: number;
   imageEndOffset: number;
-  /** Of `corruptions`, those that are refcounts too low or wrong COPIED flags (what a crash with lazy refcounts leaves). */
-  refcountCorruptions: number;
   totalClusters: number;
   allocatedClusters: number;
   fragmentedClusters: number;
@@ -76,7 +74,7 @@ export class CheckFailedError extends CodedError {
   }
 }
 
-export const NO_FIX: FixMode = { leaks: false, errors: false };
+const NO_FIX: FixMode = { leaks: false, errors: false };
 const MAX_CHECK_CLUSTERS = 0x7fffffff;
 /** How far past its end the repair extends the file for a refcount block (QEMU: any distance). */
 const MAX_REFBLOCK_GROWTH_BYTES = 64 * 1024 * 1024;
@@ -93,7 +91,7 @@ const MAX_BITMAP_DIRECTORY_BYTES = 1024 * 65535;
 
 function zeroCounters(): CheckCounters {
   return {
-    checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0, refcountCorruptions: 0,
+    checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0,
     totalClusters: 0, allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
   };
 }
@@ -101,7 +99,6 @@ function zeroCounters(): CheckCounters {
 /** QEMU's qcow2_add_check_result. */
 function addCounters(out: CheckCounters, src: CheckCounters, allocationInfo: boolean): void {
   out.corruptions += src.corruptions;
-  out.refcountCorruptions += src.refcountCorruptions;
   out.leaks += src.leaks;
   out.checkErrors += src.checkErrors;
   out.corruptionsFixed += src.corruptionsFixed;
@@ -169,6 +166,8 @@ class Checker {
   private readonly image: Qcow2Image;
   private readonly fix: FixMode;
   private readonly log: (line: string) => void;
+  /** Whether anyone listens to the diagnostics (they are not even formatted otherwise). */
+  private readonly verbose: boolean;
   private readonly onProgress: ((done: number, total: number) => void) | undefined;
   private readonly clusterSize: number;
   private refs!: RefcountArray;
@@ -184,10 +183,11 @@ class Checker {
   /** Set while the walk of an L2 table is recorded for replay. */
   private recording: L2WalkRecording | undefined;
 
-  constructor(image: Qcow2Image, fix: FixMode, log: (line: string) => void, onProgress?: (done: number, total: number) => void) {
+  constructor(image: Qcow2Image, fix: FixMode, log: ((line: string) => void) | undefined, onProgress?: (done: number, total: number) => void) {
     this.image = image;
     this.fix = fix;
-    this.log = log;
+    this.verbose = log !== undefined;
+    this.log = log ?? (() => undefined);
     this.onProgress = onProgress;
     this.clusterSize = image.geometry.clusterSize;
   }
@@ -215,7 +215,7 @@ class Checker {
   /** A diagnostic of an L2 walk (recorded for replay when the walk is). */
   private note(line: string): void {
     this.recording?.messages.push(line);
-    this.log(line);
+    if (this.verbose) this.log(line);
   }
 
   private progress(units: number): void {
@@ -278,7 +278,7 @@ class Checker {
     let reduced = 0;
     let dropped = 0;
     if (nbSnapshots > QCOW_MAX_SNAPSHOTS && this.fix.errors) {
-      this.log(`Discarding ${nbSnapshots - QCOW_MAX_SNAPSHOTS} overhanging snapshots`);
+      if (this.verbose) this.log(`Discarding ${nbSnapshots - QCOW_MAX_SNAPSHOTS} overhanging snapshots`);
       reduced += nbSnapshots - QCOW_MAX_SNAPSHOTS;
       nbSnapshots = QCOW_MAX_SNAPSHOTS;
     }
@@ -287,7 +287,7 @@ class Checker {
     else if (INT64_MAX - BigInt(nbSnapshots * SNAPSHOT_HEADER_BYTES) < offsetRaw || offsetRaw % BigInt(this.clusterSize) !== 0n) invalid = ['EINVAL', 'snapshot table offset invalid'];
     if (invalid) {
       res.checkErrors++;
-      this.log(`ERROR ${invalid[1]}`);
+      if (this.verbose) this.log(`ERROR ${invalid[1]}`);
       if (nbSnapshots > QCOW_MAX_SNAPSHOTS) this.log(`You can force-remove all ${nbSnapshots - QCOW_MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all`);
       throw new CheckAbortError(invalid[0], invalid[1]);
     }
@@ -298,7 +298,7 @@ class Checker {
     let tableLength = 0;
     const fail = (code: CheckAbortCode, message: string, hint?: string): never => {
       res.checkErrors++;
-      this.log(`ERROR failed to read the snapshot table: ${message}`);
+      if (this.verbose) this.log(`ERROR failed to read the snapshot table: ${message}`);
       if (hint !== undefined) this.log(hint);
       throw new CheckAbortError(code, message);
     };
@@ -315,7 +315,7 @@ class Checker {
       let truncateExtra = false;
       if (extraDataBytes > QCOW_MAX_SNAPSHOT_EXTRA_DATA) {
         if (!repair) fail('EFBIG', `Too much extra metadata in snapshot table entry ${i}`, 'You can force-remove this extra metadata with qemu-img check -r all');
-        this.log(`Discarding too much extra metadata in snapshot table entry ${i} (${extraDataBytes} > ${QCOW_MAX_SNAPSHOT_EXTRA_DATA})`);
+        if (this.verbose) this.log(`Discarding too much extra metadata in snapshot table entry ${i} (${extraDataBytes} > ${QCOW_MAX_SNAPSHOT_EXTRA_DATA})`);
         dropped++;
         truncateExtra = true;
       }
@@ -349,7 +349,7 @@ class Checker {
       tableLength += SNAPSHOT_HEADER_BYTES + extraDataBytes + idBytes + nameBytes;
       if (tableLength > MAX_SNAPSHOT_TABLE_BYTES || pos > INT_MAX) {
         if (!repair) fail('EFBIG', 'Snapshot table is too big', `You can force-remove all ${nbSnapshots - i} overhanging snapshots with qemu-img check -r all`);
-        this.log(`Discarding ${nbSnapshots - i} overhanging snapshots (snapshot table is too big)`);
+        if (this.verbose) this.log(`Discarding ${nbSnapshots - i} overhanging snapshots (snapshot table is too big)`);
         reduced += nbSnapshots - i;
         nbSnapshots = i;
         pos = entryStart;
@@ -370,7 +370,7 @@ class Checker {
         await this.image.file.fdatasync();
       } catch (err) {
         res.checkErrors++;
-        this.log(`ERROR failed to update the snapshot count in the image header: ${err instanceof Error ? err.message : String(err)}`);
+        if (this.verbose) this.log(`ERROR failed to update the snapshot count in the image header: ${err instanceof Error ? err.message : String(err)}`);
         throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
       }
       this.image.header = { ...this.image.header, nbSnapshots };
@@ -381,7 +381,7 @@ class Checker {
       snapshots.forEach((s, i) => {
         if (s.extraDataBytes < 16) {
           res.corruptions++;
-          this.log(`${this.fix.errors ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+          if (this.verbose) this.log(`${this.fix.errors ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
         }
       });
     }
@@ -394,7 +394,7 @@ class Checker {
       await writeSnapshotTable(this.image, this.snapshots.map((s) => s.entry), this.snapshotsOffset, this.snapshotsBytes, this.log);
     } catch (err) {
       res.checkErrors++;
-      this.log(`ERROR failed to update snapshot table: ${err instanceof Error ? err.message : String(err)}`);
+      if (this.verbose) this.log(`ERROR failed to update snapshot table: ${err instanceof Error ? err.message : String(err)}`);
       throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
     }
     this.changedLayout = true;
@@ -417,7 +417,7 @@ class Checker {
     const recording = this.recording;
     if (recording) recording.incs.push(hostOffset, bytes);
     if (hostOffset + bytes - this.fileBytes >= cs) {
-      this.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(hostOffset)} size 0x${hex(bytes)}`);
+      if (this.verbose) this.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(hostOffset)} size 0x${hex(bytes)}`);
       res.corruptions++;
       if (recording) recording.incCorruptions++;
       return;
@@ -428,8 +428,8 @@ class Checker {
       if (k >= this.refs.size) this.refs.resize(k + 1);
       const refcount = this.refs.get(k);
       if (refcount === this.refs.max) {
-        this.log(`ERROR: overflow cluster offset=0x${hex(k * cs)}`);
-        this.log('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+        if (this.verbose) this.log(`ERROR: overflow cluster offset=0x${hex(k * cs)}`);
+        if (this.verbose) this.log('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
         res.corruptions++;
         if (recording) recording.incCorruptions++;
         continue;
@@ -451,7 +451,7 @@ class Checker {
     writeL2Entry(table, index, g, zeroed);
     const entryOffsetBytes = l2Offset + index * g.l2EntryBytes;
     if (overlapsMetadata(this.image, entryOffsetBytes, g.l2EntryBytes, active ? 'l2' : undefined, 'L2 entry')) {
-      this.log('ERROR: Overlap check failed');
+      if (this.verbose) this.log('ERROR: Overlap check failed');
       res.checkErrors++;
       return 'overlap';
     }
@@ -459,7 +459,7 @@ class Checker {
       // QEMU syncs each entry; ours are synced once per table (checkRefcountsL2).
       await this.image.file.pwrite(table.subarray(index * g.l2EntryBytes, (index + 1) * g.l2EntryBytes), entryOffsetBytes, 'l2');
     } catch (err) {
-      this.log(`ERROR: Failed to overwrite L2 table entry: ${err instanceof Error ? err.message : String(err)}`);
+      if (this.verbose) this.log(`ERROR: Failed to overwrite L2 table entry: ${err instanceof Error ? err.message : String(err)}`);
       res.checkErrors++;
       return 'failed';
     }
@@ -492,7 +492,7 @@ class Checker {
       res.allocatedClusters += replay.allocatedClusters;
       res.fragmentedClusters += replay.fragmentedClusters;
       res.compressedClusters += replay.compressedClusters;
-      for (let k = 0; k < replay.incs.length; k += 2) this.incRefcounts(res, replay.incs[k]!, replay.incs[k + 1]!);
+      for (let k = 0; k < replay.incs.length; k += 2) this.incRefcounts(res, replay.incs[k], replay.incs[k + 1]);
       return;
     }
     const table = await this.read(l2Offset, g.clusterSize);
@@ -530,7 +530,7 @@ class Checker {
       const e = readL2Entry(table, i, g);
       const kind = clusterKind(e, g, hasDataFile);
       if (kind !== 'compressed' && ((e.hi & 0x3f000000) !== 0 || (e.lo & 0x1fe) !== 0)) {
-        this.note(`ERROR found l2 entry with reserved bits set: ${rawHex(e.hi, e.lo)}`);
+        if (this.verbose) this.note(`ERROR found l2 entry with reserved bits set: ${rawHex(e.hi, e.lo)}`);
         res.corruptions++;
       }
       switch (kind) {
@@ -538,17 +538,17 @@ class Checker {
           let entry = e;
           if ((e.hi & 0x80000000) !== 0) {
             const d = decodeCompressed(e, g);
-            this.note(`ERROR: coffset=0x${hex(d.hostOffset)}: copied flag must never be set for compressed clusters`);
+            if (this.verbose) this.note(`ERROR: coffset=0x${hex(d.hostOffset)}: copied flag must never be set for compressed clusters`);
             entry = { ...e, hi: (e.hi & 0x7fffffff) >>> 0 };
             res.corruptions++;
           }
           if (hasDataFile) {
-            this.note(`ERROR compressed cluster ${i} with data file, entry=0x${rawHex(entry.hi, entry.lo)}`);
+            if (this.verbose) this.note(`ERROR compressed cluster ${i} with data file, entry=0x${rawHex(entry.hi, entry.lo)}`);
             res.corruptions++;
             break;
           }
           if (e.allocBitmap !== 0 || e.zeroBitmap !== 0) {
-            this.note(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${rawHex(entry.hi, entry.lo)}`);
+            if (this.verbose) this.note(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${rawHex(entry.hi, entry.lo)}`);
             res.corruptions++;
             break;
           }
@@ -566,20 +566,20 @@ class Checker {
           const offset = l2HostOffset(e);
           if ((e.zeroBitmap & e.allocBitmap) !== 0) {
             res.corruptions++;
-            this.note(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+            if (this.verbose) this.note(`ERROR offset=${hex(offset)}: Allocated cluster has corrupted subcluster allocation bitmap`);
           }
           if (offset % g.clusterSize !== 0) {
             res.corruptions++;
             const containsData = g.extendedL2 ? e.allocBitmap !== 0 : (e.lo & 1) === 0;
             if (!containsData) {
-              this.note(`${fix.errors ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+              if (this.verbose) this.note(`${fix.errors ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
               if (fix.errors) {
                 const outcome = await this.fixL2EntryByZero(res, l2Offset, table, i, active);
                 if (outcome === 'overlap') throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
                 if (outcome === 'fixed') continue;
               }
             } else {
-              this.note(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+              if (this.verbose) this.note(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
             }
           }
           if (fragInfo) {
@@ -595,7 +595,7 @@ class Checker {
         case 'unallocated':
           if (e.allocBitmap !== 0) {
             res.corruptions++;
-            this.note('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+            if (this.verbose) this.note('ERROR: Unallocated cluster has non-zero subcluster allocation map');
           }
           break;
       }
@@ -607,27 +607,30 @@ class Checker {
     if (l1Entries === 0) return;
     const cs = this.clusterSize;
     this.incRefcounts(res, l1Offset, l1Entries * 8);
-    const l1 = await this.read(l1Offset, l1Entries * 8);
-    const repeated = repeatedTables(l1, l1Entries);
+    // Entries past the end of the file read as zeros: only the part inside it needs a walk.
+    const inFile = l1Offset >= this.fileBytes ? 0 : Math.min(l1Entries, Math.ceil((this.fileBytes - l1Offset) / 8));
+    const l1 = await this.read(l1Offset, inFile * 8);
+    const repeated = repeatedTables(l1, inFile);
     const memo = repeated ? new Map<number, L2WalkEffect>() : undefined;
-    for (let i = 0; i < l1Entries; i++) {
+    this.progress(l1Entries - inFile);
+    for (let i = 0; i < inFile; i++) {
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
       if (i % 64 === 63) this.progress(64);
       if (hi === 0 && lo === 0) continue;
       if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
-        this.log(`ERROR found L1 entry with reserved bits set: ${rawHex(hi, lo)}`);
+        if (this.verbose) this.log(`ERROR found L1 entry with reserved bits set: ${rawHex(hi, lo)}`);
         res.corruptions++;
       }
       const l2Offset = entryOffset(hi, lo);
       this.incRefcounts(res, l2Offset, cs);
       if (l2Offset % cs !== 0) {
-        this.log(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
+        if (this.verbose) this.log(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
         res.corruptions++;
       }
       await this.checkRefcountsL2(res, l2Offset, fragInfo, fix, active, memo !== undefined && repeated!.has(l2Offset) ? memo : undefined);
     }
-    this.progress(l1Entries % 64);
+    this.progress(inFile % 64);
   }
 
   /** QEMU's check_refblocks: count the refcount blocks, flag bad reftable entries. */
@@ -640,13 +643,13 @@ class Checker {
       const raw = readU64(table, i * 8);
       const offsetRaw = raw & ~0x1ffn;
       if ((raw & 0x1ffn) !== 0n) {
-        this.log(`ERROR refcount table entry ${i} has reserved bits set`);
+        if (this.verbose) this.log(`ERROR refcount table entry ${i} has reserved bits set`);
         res.corruptions++;
         rebuild.needed = true;
         continue;
       }
       if (offsetRaw % BigInt(cs) !== 0n) {
-        this.log(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+        if (this.verbose) this.log(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
         res.corruptions++;
         rebuild.needed = true;
         continue;
@@ -654,12 +657,12 @@ class Checker {
       const cluster = offsetRaw / BigInt(cs);
       if (cluster >= BigInt(this.refs.size)) {
         res.corruptions++;
-        this.log(`${fix.errors ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
+        if (this.verbose) this.log(`${fix.errors ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
         if (fix.errors) {
           const failure = await this.growFileForRefblock(res, offsetRaw);
           if (failure === undefined) continue;
           rebuild.needed = true;
-          this.log(`ERROR could not resize image: ${failure}`);
+          if (this.verbose) this.log(`ERROR could not resize image: ${failure}`);
         }
         continue;
       }
@@ -668,7 +671,7 @@ class Checker {
         this.incRefcounts(res, offset, cs);
         const refcount = this.refs.get(Number(cluster));
         if (refcount !== 1) {
-          this.log(`ERROR refcount block ${i} refcount=${refcount}`);
+          if (this.verbose) this.log(`ERROR refcount block ${i} refcount=${refcount}`);
           res.corruptions++;
           rebuild.needed = true;
         }
@@ -770,17 +773,17 @@ class Checker {
     this.incRefcounts(res, 0, cs);
     await this.checkRefcountsL1(res, image.activeMap.l1.offset, image.activeMap.l1.entries, true, fix, true);
     if (image.hasDataFile && this.snapshots.length > 0) {
-      this.log(`ERROR ${this.snapshots.length} snapshots in image with data file`);
+      if (this.verbose) this.log(`ERROR ${this.snapshots.length} snapshots in image with data file`);
       res.corruptions++;
     }
     for (const s of this.snapshots) {
       if (s.l1OffsetRaw % BigInt(cs) !== 0n) {
-        this.log(`ERROR snapshot ${s.entry.id} (${s.entry.name}) l1_offset=0x${hex(s.l1OffsetRaw)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        if (this.verbose) this.log(`ERROR snapshot ${s.entry.id} (${s.entry.name}) l1_offset=0x${hex(s.l1OffsetRaw)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
         res.corruptions++;
         continue;
       }
       if (s.entry.l1Entries > QCOW_MAX_L1_SIZE_BYTES / 8) {
-        this.log(`ERROR snapshot ${s.entry.id} (${s.entry.name}) l1_size=0x${hex(s.entry.l1Entries)}: L1 table is too large; snapshot table entry corrupted`);
+        if (this.verbose) this.log(`ERROR snapshot ${s.entry.id} (${s.entry.name}) l1_size=0x${hex(s.entry.l1Entries)}: L1 table is too large; snapshot table entry corrupted`);
         res.corruptions++;
         continue;
       }
@@ -803,7 +806,7 @@ class Checker {
       const end = Math.min(nbClusters, (ri + 1) * g.refblockEntries);
       for (let i = ri * g.refblockEntries; i < end; i++) {
         if (block === 'error') {
-          this.log(`Can't get refcount for cluster ${i}: ${ERRNO_TEXT.EIO}`);
+          if (this.verbose) this.log(`Can't get refcount for cluster ${i}: ${ERRNO_TEXT.EIO}`);
           res.checkErrors++;
           continue;
         }
@@ -815,7 +818,7 @@ class Checker {
         if (onDisk === 0) rebuild.needed = true;
         else if (onDisk > counted && fix.leaks) fixKind = 'leak';
         else if (onDisk < counted && fix.errors) fixKind = 'corruption';
-        this.log(`${fixKind !== undefined ? 'Repairing' : onDisk < counted ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${onDisk} reference=${counted}`);
+        if (this.verbose) this.log(`${fixKind !== undefined ? 'Repairing' : onDisk < counted ? 'ERROR' : 'Leaked'} cluster ${i} refcount=${onDisk} reference=${counted}`);
         if (fixKind !== undefined) {
           try {
             await this.image.refcounts.updateRefcount(i * cs, cs, counted - onDisk);
@@ -828,7 +831,6 @@ class Checker {
         }
         if (onDisk < counted) {
           res.corruptions++;
-          res.refcountCorruptions++;
         } else {
           res.leaks++;
         }
@@ -858,13 +860,11 @@ class Checker {
       const copied = (hi & 0x80000000) !== 0;
       if ((refcount === 1) !== copied) {
         res.corruptions++;
-        res.refcountCorruptions++;
-        this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${rawHex(hi, lo)} refcount=${refcount}`);
+        if (this.verbose) this.log(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${rawHex(hi, lo)} refcount=${refcount}`);
         if (repair) {
           l1.buf.writeUInt32BE(refcount === 1 ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, i * 8);
           await this.writeL1Entry(res, i);
           res.corruptions--;
-          res.refcountCorruptions--;
           res.corruptionsFixed++;
         }
       }
@@ -872,7 +872,6 @@ class Checker {
       if (replay) {
         for (const line of replay.messages) this.log(line);
         res.corruptions += replay.mismatches;
-        res.refcountCorruptions += replay.mismatches;
         continue;
       }
       const table = await this.read(l2Offset, g.clusterSize);
@@ -889,11 +888,10 @@ class Checker {
         const dataCopied = (e.hi & 0x80000000) !== 0;
         if ((dataRefcount === 1) !== dataCopied) {
           res.corruptions++;
-          res.refcountCorruptions++;
           mismatches++;
           const line = `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${rawHex(e.hi, e.lo)} refcount=${dataRefcount}`;
           messages.push(line);
-          this.log(line);
+          if (this.verbose) this.log(line);
           if (repair) {
             writeL2Entry(table, j, g, { ...e, hi: dataRefcount === 1 ? (e.hi | 0x80000000) >>> 0 : (e.hi & 0x7fffffff) >>> 0 });
             dirty++;
@@ -902,20 +900,19 @@ class Checker {
       }
       if (dirty > 0) {
         if (overlapsMetadata(image, l2Offset, g.clusterSize, 'l2', 'L2 table')) {
-          this.log(`ERROR: Could not write L2 table; metadata overlap check failed: ${ERRNO_TEXT.EIO}`);
+          if (this.verbose) this.log(`ERROR: Could not write L2 table; metadata overlap check failed: ${ERRNO_TEXT.EIO}`);
           res.checkErrors++;
           throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
         }
         try {
           await image.file.pwrite(table, l2Offset, 'l2');
         } catch (err) {
-          this.log(`ERROR: Could not write L2 table: ${err instanceof Error ? err.message : String(err)}`);
+          if (this.verbose) this.log(`ERROR: Could not write L2 table: ${err instanceof Error ? err.message : String(err)}`);
           res.checkErrors++;
           throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
         }
         this.forgetL2(l2Offset);
         res.corruptions -= dirty;
-        res.refcountCorruptions -= dirty;
         res.corruptionsFixed += dirty;
         memo.clear(); // the file changed: recorded tables may be stale
       } else if (repeated?.has(l2Offset) === true) {
@@ -967,7 +964,7 @@ class Checker {
     if (rebuild.needed && this.fix.errors) {
       const old = { ...res };
       let freshLeaks = 0;
-      this.log('Rebuilding refcount structure');
+      if (this.verbose) this.log('Rebuilding refcount structure');
       try {
         await rebuildRefcountStructure(image, this.refs);
       } catch (err) {
@@ -977,7 +974,6 @@ class Checker {
       this.changedLayout = true;
       await this.refreshFileBytes();
       res.corruptions = 0;
-      res.refcountCorruptions = 0;
       res.leaks = 0;
       rebuild.needed = false;
       this.refs.clear();
@@ -995,7 +991,7 @@ class Checker {
       res.leaks += freshLeaks;
     } else if (this.fix.leaks || this.fix.errors) {
       if (rebuild.needed) {
-        this.log('ERROR need to rebuild refcount structures');
+        if (this.verbose) this.log('ERROR need to rebuild refcount structures');
         res.checkErrors++;
         throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
       }
@@ -1037,7 +1033,7 @@ async function writeBackCaches(image: Qcow2Image): Promise<void> {
  * cleared. The caller holds the image's metadata lock. Throws CheckFailedError when the check could
  * not run to its end.
  */
-export async function checkPassLocked(image: Qcow2Image, fix: FixMode, log: (line: string) => void, onProgress?: (done: number, total: number) => void): Promise<CheckCounters> {
+export async function checkPassLocked(image: Qcow2Image, fix: FixMode, log?: (line: string) => void, onProgress?: (done: number, total: number) => void): Promise<CheckCounters> {
   const result = zeroCounters();
   const snapshotRes = zeroCounters();
   const refcountRes = zeroCounters();
@@ -1137,7 +1133,7 @@ export async function checkImage(image: Qcow2Image, options: CheckOptions = {}):
   if ((fix.leaks || fix.errors) && image.readOnly) {
     throw new CodedError('EROFS', `${image.path}: cannot repair an image opened read-only`, { image: image.path });
   }
-  const log = options.onMessage ?? (() => undefined);
+  const log = options.onMessage;
   return image.lock.run(async () => {
     let counters = await checkPassLocked(image, fix, log, options.onProgress);
     if (counters.corruptionsFixed !== 0 || counters.leaksFixed !== 0) {

@@ -13,7 +13,7 @@
 import type { LayoutEntry } from './block-device.js';
 import { isZeroEntry } from './check.js';
 import type { Qcow2Image } from './image.js';
-import { clusterKind, compressedClusterRange, decodeCompressed, decodeL1Entry, l2HostOffset, readL2Entry } from './l2-entry.js';
+import { clusterKind, compressedClusterRange, decodeCompressed, entryOffset, l2HostOffset, readL2Entry } from './l2-entry.js';
 import { getRefcount } from './refcount-block.js';
 
 export interface LayoutOptions {
@@ -131,7 +131,7 @@ function l2Tables(l1: Buffer, entries: number, clusterSize: number, fileBytes: n
   const tables: { l1Index: number; l2Offset: number }[] = [];
   const seen = new Set<number>();
   for (let i = 0; i < entries; i++) {
-    const { l2Offset } = decodeL1Entry(l1, i);
+    const l2Offset = entryOffset(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
     if (l2Offset === 0 || l2Offset % clusterSize !== 0 || l2Offset >= fileBytes || seen.has(l2Offset)) continue;
     seen.add(l2Offset); // a table listed twice (corrupt) is drawn once, for its first index
     tables.push({ l1Index: i, l2Offset });
@@ -176,7 +176,9 @@ export async function* layout(image: Qcow2Image, options: LayoutOptions = {}): A
   const activeSet = new Set(activeTables.map((t) => t.l2Offset));
   const snapshotL1s: Buffer[] = [];
   for (const snap of s.snapshots) {
-    snapshotL1s.push(await readHost(image, s.fileBytes, snap.l1Offset, Math.min(snap.l1Entries, g.maxL1Entries) * 8));
+    // Only the part inside the file can point anywhere (the rest reads as zeros).
+    const inFile = !Number.isSafeInteger(snap.l1Offset) || snap.l1Offset >= s.fileBytes ? 0 : Math.ceil((s.fileBytes - snap.l1Offset) / 8);
+    snapshotL1s.push(await readHost(image, s.fileBytes, snap.l1Offset, Math.min(snap.l1Entries, g.maxL1Entries, inFile) * 8));
   }
   let pending: LayoutEntry | undefined;
   for (let first = 0; first < nbClusters; first += windowClusters) {

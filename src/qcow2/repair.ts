@@ -9,17 +9,21 @@
  * - writeSnapshotTable: a fresh copy of the snapshot table, then the header, then the old one freed;
  * - reregisterMetadata: rebuild the image's metadata-region map after structures moved;
  * - repairDirtyImage: what a writable open of an image with the dirty bit does (lazy refcounts after a
- *   crash): a full check with every repair, which also clears the dirty bit.
+ *   crash): a full check with every repair, which also clears the dirty bit — staged in memory
+ *   (StagingFile) and written only when it succeeded.
  *
  * Every function runs with the image's metadata lock held. Writes onto live metadata are refused
  * through the corruption funnel, as QEMU's pre-write overlap check does.
  */
+import type { HostFile } from '../io/host-file.js';
+import { allocAligned } from '../io/aligned-buffer.js';
 import { CodedError } from './errors.js';
+import { decodeHeader } from './header.js';
 import type { Qcow2Image } from './image.js';
 import type { MetadataKind } from './overlap.js';
 import { encodeReftableEntry, setRefcount } from './refcount-block.js';
 import type { SnapshotEntry } from './snapshot-table.js';
-import { encodeSnapshotTable } from './snapshot-table.js';
+import { encodeSnapshotTable, readSnapshotTable } from './snapshot-table.js';
 import { writeU64 } from './safe-int.js';
 
 /** Header field offsets QEMU rewrites in place. */
@@ -272,25 +276,166 @@ export function reregisterMetadata(image: Qcow2Image): void {
 }
 
 /**
- * Repair an image opened writable with the dirty bit set (QEMU's qcow2_do_open: a check with every
- * repair), which clears the dirty bit. A read-only pass comes first: when it finds damage a crash
- * with lazy refcounts cannot leave (anything but refcounts too low, leaks and COPIED flags) or
- * cannot run, the open is refused without a write (QEMU would try and may leave a half-repaired
- * image) — `check -r all` is the tool for that. Fails with ECORRUPT or EIO.
+ * A HostFile that stages every write in memory over a real one (reads see the staged data), for a
+ * repair that must either complete or leave the file untouched. `commit()` writes the staged pages
+ * to the real file: everything but the header cluster first, synced, then the header, synced — so a
+ * crash during the commit leaves the old header (still dirty) in charge, and the next open repairs
+ * again. Page granularity keeps O_DIRECT handles happy. A punched hole is staged as zeros; fallocate
+ * reports "unsupported", so callers fall back to plain writes.
+ */
+export class StagingFile implements HostFile {
+  readonly readOnly = false;
+  readonly direct = false;
+  private readonly inner: HostFile;
+  private readonly pageBytes: number;
+  private readonly headerBytes: number;
+  /** Staged page contents by page index. */
+  private readonly pages = new Map<number, Buffer>();
+  private innerBytes: number;
+  private sizeBytes: number;
+
+  constructor(inner: HostFile, sizeBytes: number, headerBytes: number) {
+    this.inner = inner;
+    this.pageBytes = Math.max(4096, inner.dioAlignment);
+    this.headerBytes = headerBytes;
+    this.innerBytes = sizeBytes;
+    this.sizeBytes = sizeBytes;
+  }
+
+  get path(): string { return this.inner.path; }
+  get dioAlignment(): number { return this.inner.dioAlignment; }
+
+  /** The page as the file holds it now (staged, else read from the real file; zeros past its end). */
+  private async load(index: number): Promise<Buffer> {
+    const staged = this.pages.get(index);
+    if (staged) return staged;
+    const page = allocAligned(this.pageBytes, Math.max(512, this.inner.dioAlignment));
+    page.fill(0);
+    const offset = index * this.pageBytes;
+    if (offset < this.innerBytes && offset < this.sizeBytes) {
+      const n = await this.inner.pread(page, offset);
+      page.fill(0, Math.max(0, Math.min(n, this.sizeBytes - offset)));
+    }
+    return page;
+  }
+
+  async pread(buf: Uint8Array, hostOffset: number): Promise<number> {
+    const end = Math.min(hostOffset + buf.length, this.sizeBytes);
+    for (let pos = hostOffset; pos < end;) {
+      const index = Math.floor(pos / this.pageBytes);
+      const within = pos - index * this.pageBytes;
+      const n = Math.min(end - pos, this.pageBytes - within);
+      (await this.load(index)).copy(buf, pos - hostOffset, within, within + n);
+      pos += n;
+    }
+    return Math.max(0, end - hostOffset);
+  }
+
+  async pwrite(buf: Uint8Array, hostOffset: number): Promise<void> {
+    const data = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+    for (let pos = hostOffset; pos < hostOffset + data.length;) {
+      const index = Math.floor(pos / this.pageBytes);
+      const within = pos - index * this.pageBytes;
+      const n = Math.min(hostOffset + data.length - pos, this.pageBytes - within);
+      const page = await this.load(index);
+      data.copy(page, within, pos - hostOffset, pos - hostOffset + n);
+      this.pages.set(index, page);
+      pos += n;
+    }
+    this.sizeBytes = Math.max(this.sizeBytes, hostOffset + data.length);
+  }
+
+  async fdatasync(): Promise<void> {}
+  async size(): Promise<number> { return this.sizeBytes; }
+
+  async truncate(bytes: number): Promise<void> {
+    for (const index of [...this.pages.keys()]) {
+      const start = index * this.pageBytes;
+      if (start >= bytes) this.pages.delete(index);
+      else if (start + this.pageBytes > bytes) this.pages.get(index)!.fill(0, bytes - start);
+    }
+    if (bytes < this.innerBytes) this.innerBytes = bytes;
+    this.sizeBytes = bytes;
+  }
+
+  async zeroRange(): Promise<boolean> { return false; }
+
+  /** Freed clusters read as zeros afterwards, as on the real file (staged as zeros, within the file). */
+  async punchHole(offset: number, length: number): Promise<boolean> {
+    const end = Math.min(offset + length, this.sizeBytes);
+    const zeros = Buffer.alloc(Math.min(Math.max(end - offset, 0), 1024 * 1024));
+    for (let pos = offset; pos < end; pos += zeros.length) await this.pwrite(zeros.subarray(0, Math.min(zeros.length, end - pos)), pos);
+    return true;
+  }
+
+  async allocate(): Promise<boolean> { return false; }
+  async dropCache(): Promise<void> {}
+  /** The real file stays open: it belongs to the image being repaired. */
+  async close(): Promise<void> {}
+
+  /** Write the staged pages to the real file (header cluster last, each phase synced) and set its size. */
+  async commit(): Promise<void> {
+    const indices = [...this.pages.keys()].sort((a, b) => a - b);
+    const isHeader = (index: number): boolean => index * this.pageBytes < this.headerBytes;
+    for (const phase of [false, true]) {
+      for (const index of indices) if (isHeader(index) === phase) await this.inner.pwrite(this.pages.get(index)!, index * this.pageBytes, 'other');
+      if (phase === false && (await this.inner.size()) !== this.sizeBytes) await this.inner.truncate(this.sizeBytes);
+      await this.inner.fdatasync();
+    }
+    this.pages.clear();
+  }
+}
+
+/**
+ * Repair an image opened writable with the dirty bit set, as QEMU's qcow2_do_open does (a check with
+ * every repair, which clears the dirty bit) — but staged: the repair runs on a twin of the image
+ * whose writes go to a StagingFile, and reaches the real file only when it succeeded. A repair that
+ * fails (check errors, fatal corruption) leaves the file untouched — QEMU may leave it half repaired
+ * and marked corrupt — and the open fails with EIO. On success the image reloads what the repair
+ * changed (header, refcount table, L1 COPIED flags, snapshot table).
  */
 export async function repairDirtyImage(image: Qcow2Image): Promise<void> {
-  const { checkPassLocked, NO_FIX } = await import('./check.js');
-  const fail = (code: string, why: string, cause?: unknown): never => {
-    throw new CodedError(code, `${image.path}: could not repair dirty image: ${why}; run 'qcow2fuse check -r all'`, { image: image.path }, { cause });
+  const { checkPassLocked } = await import('./check.js');
+  const { Qcow2Image: Image } = await import('./image.js');
+  const fail = (why: string, cause?: unknown): never => {
+    throw new CodedError('EIO', `${image.path}: could not repair dirty image: ${why}; run 'qcow2fuse check -r all'`, { image: image.path }, { cause });
   };
+  const message = (err: unknown): string => (err instanceof Error ? err.message : String(err));
+  const staging = new StagingFile(image.file, await image.file.size(), image.geometry.clusterSize);
+  const twin = await Image.open(image.path, { readOnly: false, check: true, file: staging, lock: false }).catch((err: unknown) => fail(message(err), err));
+  let repaired = false;
+  try {
+    const result = await twin.lock.run(() => checkPassLocked(twin, { leaks: true, errors: true })).catch((err: unknown) => fail(message(err), err));
+    if (result.checkErrors > 0) fail(`${result.checkErrors} check errors`);
+    if (twin.readOnly) fail('the repair met fatal corruption');
+    await twin.close().catch((err: unknown) => fail(message(err), err));
+    if (twin.readOnly) fail('the repair met fatal corruption');
+    repaired = true;
+  } finally {
+    if (!repaired) await twin.close().catch(() => undefined);
+  }
   await image.lock.run(async () => {
-    const quiet = (): void => undefined;
-    const survey = await checkPassLocked(image, NO_FIX, quiet).catch((err: unknown) => fail('EIO', err instanceof Error ? err.message : String(err), err));
-    if (survey.checkErrors > 0) fail('EIO', `${survey.checkErrors} check errors`);
-    if (survey.corruptions > survey.refcountCorruptions) {
-      fail('ECORRUPT', `${survey.corruptions - survey.refcountCorruptions} corruptions beyond stale refcounts`);
-    }
-    const repaired = await checkPassLocked(image, { leaks: true, errors: true }, quiet).catch((err: unknown) => fail('EIO', err instanceof Error ? err.message : String(err), err));
-    if (repaired.checkErrors > 0) fail('EIO', `${repaired.checkErrors} check errors`);
+    await staging.commit();
+    await reloadAfterRepair(image);
   });
+}
+
+/** Re-read what a repair may have changed under an open image (before the image was used). */
+async function reloadAfterRepair(image: Qcow2Image): Promise<void> {
+  const g = image.geometry;
+  const fileBytes = await image.file.size();
+  image.header = decodeHeader(await image.readHost(0, Math.min(g.clusterSize, fileBytes)), image.path, fileBytes);
+  await image.refcounts.load(image.header.refcountTableOffset, image.header.refcountTableClusters);
+  const l1 = image.activeMap.l1;
+  (await image.readHost(l1.offset, l1.entries * 8)).copy(l1.buf, 0);
+  image.snapshots = [];
+  image.snapshotTableBytes = 0;
+  if (image.header.nbSnapshots > 0) {
+    const table = await readSnapshotTable((offset, bytes) => image.readHost(offset, bytes), image.header.snapshotsOffset, image.header.nbSnapshots, fileBytes, image.path);
+    image.snapshots = table.entries;
+    image.snapshotTableBytes = table.tableBytes;
+  }
+  image.l2Cache.invalidateClean();
+  image.refcountCache.invalidateClean();
+  reregisterMetadata(image);
 }

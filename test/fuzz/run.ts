@@ -3,6 +3,8 @@
  *
  *   node dist/test/fuzz/run.js --cases 10000 [--seed N] [--jobs N] [--timeout-ms 2000] [--dir DIR] [--case I,J]
  *
+ * --timeout-ms bounds the CPU time a case may use (a hang); cases that wait are bounded at 30 s of wall time.
+ *
  * Prints progress and a summary; exits 1 when a case failed (its image and description are kept in
  * DIR/failures/). `--case` re-runs chosen case indices of a run seed to reproduce a failure.
  */

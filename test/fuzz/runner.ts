@@ -1,11 +1,12 @@
 /**
  * The fuzz runner: builds the seeds, then feeds mutated images to a pool of worker processes
- * (dist/test/fuzz/worker.js), one case at a time each. A case that does not answer within
- * `timeoutMs` is a hang: the worker is killed (SIGKILL) and the case re-run once in a fresh worker
- * so machine load is not mistaken for a hang. A worker that dies is a crash (out-of-memory included:
+ * (dist/test/fuzz/worker.js), one case at a time each. A case that uses `timeoutMs` (2 s) of the
+ * worker's CPU time, or 30 s of wall time, without answering is a hang: the worker is killed
+ * (SIGKILL) and the case re-run once in a fresh worker; hanging twice is a failure. A worker that dies is a crash (out-of-memory included:
  * workers run with a bounded heap). Each failure keeps the mutated image and its description.
  */
 import { fork, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { cpus } from 'node:os';
 import { join } from 'node:path';
@@ -20,8 +21,10 @@ export interface FuzzOptions {
   /** Run seed: the same seed and case count give the same cases. */
   seed: number;
   jobs?: number;
-  /** Per-case limit (default 2000 ms). */
+  /** Per-case limit of worker CPU time (default 2000 ms). */
   timeoutMs?: number;
+  /** Per-case limit of wall time, for cases that wait instead of compute (default 30 s). */
+  wallTimeoutMs?: number;
   /** Scratch directory (seeds, case images, failure repros under failures/). */
   workDir: string;
   /** Run only these case indices (reproduce a failure). */
@@ -30,6 +33,21 @@ export interface FuzzOptions {
   workerHeapMiB?: number;
   onProgress?: (done: number, total: number, failures: number) => void;
 }
+
+/** CPU time (user + system) a process has used, in ms, from /proc; undefined where unavailable. */
+function cpuMs(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_SECOND;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Linux's USER_HZ (clock ticks in /proc/PID/stat), 100 on every architecture Node runs on. */
+const CLOCK_TICKS_PER_SECOND = 100;
 
 export interface FuzzFailure {
   caseIndex: number;
@@ -95,19 +113,30 @@ class Slot {
     return child;
   }
 
-  /** Run one case; resolves with its failures, or with why the worker died or hung. */
-  run(path: string, seed: number, timeoutMs: number): Promise<{ failures: string[] } | { dead: string } | { hang: true }> {
+  /**
+   * Run one case; resolves with its failures, or with why the worker died or hung. A case hangs when
+   * the worker spends `cpuLimitMs` of CPU on it (a busy loop) or `wallLimitMs` of wall time (a
+   * deadlock): CPU time, read from /proc, does not count time other processes take from the machine.
+   */
+  run(path: string, seed: number, cpuLimitMs: number, wallLimitMs: number): Promise<{ failures: string[] } | { dead: string } | { hang: string }> {
     this.child ??= this.spawn();
     const child = this.child;
     const id = this.nextId++;
+    const started = Date.now();
+    const cpuAtStart = cpuMs(child.pid);
     return new Promise((resolve) => {
-      const timer = setTimeout(() => {
+      const poll = setInterval(() => {
+        const cpu = cpuMs(child.pid);
+        const cpuUsed = cpu !== undefined && cpuAtStart !== undefined ? cpu - cpuAtStart : Date.now() - started;
+        const wall = Date.now() - started;
+        if (cpuUsed <= cpuLimitMs && wall <= wallLimitMs) return;
+        clearInterval(poll);
         this.pending = undefined;
         this.child = undefined;
         child.kill('SIGKILL');
-        resolve({ hang: true });
-      }, timeoutMs);
-      this.pending = { id, child, resolve: (r) => { clearTimeout(timer); resolve(r); } };
+        resolve({ hang: `${cpuUsed} ms of CPU, ${wall} ms of wall time without an answer (limits ${cpuLimitMs} ms CPU, ${wallLimitMs} ms wall)` });
+      }, 100);
+      this.pending = { id, child, resolve: (r) => { clearInterval(poll); resolve(r); } };
       const request: CaseRequest = { type: 'case', id, path, seed };
       child.send(request);
     });
@@ -121,6 +150,7 @@ class Slot {
 
 export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
   const timeoutMs = options.timeoutMs ?? 2000;
+  const wallTimeoutMs = options.wallTimeoutMs ?? 30_000;
   const jobs = Math.max(1, options.jobs ?? cpus().length);
   const seedDir = join(options.workDir, 'seeds');
   const failDir = join(options.workDir, 'failures');
@@ -158,12 +188,12 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
   const runOne = async (slot: Slot, p: Prepared): Promise<void> => {
     const path = join(slot.dir, `case.qcow2`);
     await writeFile(path, p.image);
-    let result = await slot.run(path, p.caseSeed, timeoutMs);
+    let result = await slot.run(path, p.caseSeed, timeoutMs, wallTimeoutMs);
     if ('hang' in result) {
       await writeFile(path, p.image);
-      result = await slot.run(path, p.caseSeed, timeoutMs);
+      result = await slot.run(path, p.caseSeed, timeoutMs, wallTimeoutMs);
       if ('hang' in result) {
-        await record(p, 'hang', [`no answer within ${timeoutMs} ms, twice`]);
+        await record(p, 'hang', [`${result.hang}, twice`]);
         return;
       }
     }
