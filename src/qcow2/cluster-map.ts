@@ -239,7 +239,10 @@ export class ClusterMap {
     encodeL1Entry(this.l1.buf, l1Index, newL2Offset, true);
     await this.writeL1Entry(l1Index);
     if (l2Offset !== 0) {
-      // The old table stays referenced by the snapshot; drop our reference.
+      // The old table stays referenced by the snapshot; drop our reference — only once the L1 entry
+      // no longer points to it on disk (QEMU's qcow2_write_l1_entry syncs): the refcount cache's
+      // dependency on the L2 cache does not cover this direct L1 write.
+      await this.ctx.file.fdatasync();
       await this.freeHostClusters(l2Offset, g.clusterSize);
     }
     return this.ctx.l2Cache.get(this.sliceOffset(newL2Offset, guestOffset));
