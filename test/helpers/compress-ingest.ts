@@ -83,10 +83,12 @@ export async function writeOnesFile(path: string, bytes: number): Promise<void> 
 }
 
 /**
- * Python (ctypes) side of openResidencyProbe: holds FILE open; for each line on stdin it maps the
- * file (PROT_NONE, MAP_SHARED), asks mincore(2) which pages are resident and prints the byte count —
- * or "direct_io" when the kernel refuses the mapping (ENODEV: a FUSE file opened direct_io, which has
- * no page cache at all).
+ * Python (ctypes) side of openResidencyProbe: holds FILE open; for each line on stdin (a byte count)
+ * it maps that much of the file (PROT_NONE, MAP_SHARED), asks mincore(2) which pages are resident and
+ * prints the byte count — or "direct_io" when the kernel refuses the mapping (ENODEV: a FUSE file
+ * opened direct_io, which has no page cache at all). It never stats the file: a getattr on a FUSE file
+ * whose mtime changed drops its cache when the daemon asked for auto_inval_data (libfuse 3's default,
+ * qemu-storage-daemon's export).
  */
 const MINCORE_PY = `
 import ctypes, errno, mmap, os, sys
@@ -98,8 +100,8 @@ libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 page = os.sysconf("SC_PAGE_SIZE")
 print("ready", flush=True)
-for _ in sys.stdin:
-    size = os.fstat(fd).st_size
+for line in sys.stdin:
+    size = int(line)
     if size == 0:
         print(0, flush=True); continue
     addr = libc.mmap(None, size, 0, mmap.MAP_SHARED, fd, 0)
@@ -115,8 +117,8 @@ for _ in sys.stdin:
 
 /** Page-cache residency of one file, seen through a descriptor opened before the file was written. */
 export interface ResidencyProbe {
-  /** Bytes resident now, or 'direct_io' when the file cannot be cached at all. */
-  measure(): Promise<number | 'direct_io'>;
+  /** Bytes of the first `sizeBytes` resident now, or 'direct_io' when the file cannot be cached at all. */
+  measure(sizeBytes: number): Promise<number | 'direct_io'>;
   close(): Promise<void>;
 }
 
@@ -152,8 +154,8 @@ export async function openResidencyProbe(path: string): Promise<ResidencyProbe> 
   });
   if (await nextLine() !== 'ready') throw new Error(`residency probe of ${path} did not start: ${stderr.trim()}`);
   return {
-    async measure() {
-      child.stdin.write('measure\n');
+    async measure(sizeBytes) {
+      child.stdin.write(`${sizeBytes}\n`);
       const line = await nextLine();
       if (line === 'direct_io') return 'direct_io';
       if (!/^\d+$/.test(line)) throw new Error(`residency probe of ${path}: ${line}`);

@@ -109,7 +109,7 @@ async function ingest(dir: string, image: string, src: string, specs: WriterSpec
       const results = await Promise.all(writers.map((w) => w.done));
       results.forEach((r, i) => expectSuccess(`${specs[i].command} ${specs[i].args.join(' ')}`, r));
       chased = await Promise.all(chases);
-      mountFileResident = await probe.measure();
+      mountFileResident = await probe.measure(Math.max(...specs.map((s) => s.end)));
     } finally {
       await probe.close();
     }
