@@ -9,6 +9,8 @@ export type { HostFile, HostFileOpenOptions } from './io/host-file.js';
 export { imageInfo, qemuDictOrder, type InfoOptions } from './qcow2/info.js';
 export { mapEntries, mapExtents, mapEntryJson, mapJsonChunks, type MapEntry, type MapOptions } from './qcow2/map.js';
 export { findSnapshot, listSnapshots, openSnapshotView, SnapshotView, type SnapshotRef, type SnapshotViewOptions } from './qcow2/snapshot.js';
+export { createSnapshot, deleteSnapshot, applySnapshot } from './qcow2/snapshot-ops.js';
+export { createImage, type CreateOptions, type Preallocation } from './qcow2/create.js';
 export { nodeHostAllocationProbe, type HostAllocationProbe, type HostExtent } from './io/host-allocation.js';
 
 import { Qcow2Image, type Qcow2OpenOptions } from './qcow2/image.js';
