@@ -129,6 +129,13 @@ interface CheckSnapshot {
 
 type RefblockRead = Buffer | undefined | 'error';
 
+/** Entries of one L2 table fix_l2_entry_by_zero changed (index range, count), written after the walk. */
+interface ZeroedEntries {
+  count: number;
+  first: number;
+  last: number;
+}
+
 /** What walking one L2 table did, recorded while it runs. */
 interface L2WalkRecording {
   messages: string[];
@@ -439,34 +446,46 @@ class Checker {
   }
 
   /**
-   * QEMU's fix_l2_entry_by_zero: make an entry read as zeros, on disk. Returns 'overlap' when the
-   * write was refused (the table is not checked further), else whether it was fixed.
+   * QEMU's fix_l2_entry_by_zero: make an entry read as zeros (in `table`, recorded in `zeroed` for
+   * writeZeroedEntries). Returns 'overlap' when the write would land on other metadata (the table
+   * is not checked further).
    */
-  private async fixL2EntryByZero(res: CheckCounters, l2Offset: number, table: Buffer, index: number, active: boolean): Promise<'fixed' | 'failed' | 'overlap'> {
+  private fixL2EntryByZero(res: CheckCounters, l2Offset: number, table: Buffer, index: number, active: boolean, zeroed: ZeroedEntries): 'fixed' | 'overlap' {
     const g = this.image.geometry;
     const old = readL2Entry(table, index, g);
-    const zeroed: RawL2Entry = g.extendedL2
+    const zero: RawL2Entry = g.extendedL2
       ? { hi: 0, lo: 0, allocBitmap: 0, zeroBitmap: (old.zeroBitmap | old.allocBitmap) >>> 0 }
       : { hi: 0, lo: 1, allocBitmap: 0, zeroBitmap: 0 };
-    writeL2Entry(table, index, g, zeroed);
+    writeL2Entry(table, index, g, zero);
     const entryOffsetBytes = l2Offset + index * g.l2EntryBytes;
     if (overlapsMetadata(this.image, entryOffsetBytes, g.l2EntryBytes, active ? 'l2' : undefined, 'L2 entry')) {
       if (this.verbose) this.log('ERROR: Overlap check failed');
       res.checkErrors++;
       return 'overlap';
     }
-    try {
-      // QEMU syncs each entry; ours are synced once per table (checkRefcountsL2).
-      await this.image.file.pwrite(table.subarray(index * g.l2EntryBytes, (index + 1) * g.l2EntryBytes), entryOffsetBytes, 'l2');
-    } catch (err) {
-      if (this.verbose) this.log(`ERROR: Failed to overwrite L2 table entry: ${err instanceof Error ? err.message : String(err)}`);
-      res.checkErrors++;
-      return 'failed';
-    }
-    this.forgetL2(l2Offset);
+    // QEMU writes and syncs each entry; ours go out together after the walk (writeZeroedEntries).
+    zeroed.count++;
+    zeroed.first = Math.min(zeroed.first, index);
+    zeroed.last = Math.max(zeroed.last, index);
     res.corruptions--;
     res.corruptionsFixed++;
     return 'fixed';
+  }
+
+  /** Write the entries fixL2EntryByZero changed in `table` (one write, synced); a failure undoes their count. */
+  private async writeZeroedEntries(res: CheckCounters, l2Offset: number, table: Buffer, zeroed: ZeroedEntries): Promise<void> {
+    if (zeroed.count === 0) return;
+    const bytes = this.image.geometry.l2EntryBytes;
+    try {
+      await this.image.file.pwrite(table.subarray(zeroed.first * bytes, (zeroed.last + 1) * bytes), l2Offset + zeroed.first * bytes, 'l2');
+      await this.image.file.fdatasync();
+    } catch (err) {
+      if (this.verbose) this.log(`ERROR: Failed to overwrite L2 table entry: ${err instanceof Error ? err.message : String(err)}`);
+      res.checkErrors += zeroed.count;
+      res.corruptions += zeroed.count;
+      res.corruptionsFixed -= zeroed.count;
+    }
+    this.forgetL2(l2Offset);
   }
 
   /** Drop the image's cached slices of the L2 table at `l2Offset` (rewritten on disk by the repair). */
@@ -499,13 +518,14 @@ class Checker {
     const before = { ...res };
     const recording: L2WalkRecording | undefined = memo ? { messages: [], incs: [], incCorruptions: 0 } : undefined;
     this.recording = recording;
+    const zeroed: ZeroedEntries = { count: 0, first: Number.POSITIVE_INFINITY, last: -1 };
     try {
-      await this.countL2Entries(res, l2Offset, table, fragInfo, fix, active);
+      await this.countL2Entries(res, l2Offset, table, fragInfo, fix, active, zeroed);
     } finally {
       this.recording = undefined;
-      if (res.corruptionsFixed !== before.corruptionsFixed) {
-        memo?.clear(); // the file changed: recorded walks may be stale
-        await this.image.file.fdatasync();
+      if (zeroed.count > 0) {
+        memo?.clear(); // the file changes: recorded walks may be stale
+        await this.writeZeroedEntries(res, l2Offset, table, zeroed);
       }
     }
     if (memo && recording && res.corruptionsFixed === before.corruptionsFixed && res.checkErrors === before.checkErrors) {
@@ -521,12 +541,11 @@ class Checker {
   }
 
   /** The per-entry part of check_refcounts_l2. */
-  private async countL2Entries(res: CheckCounters, l2Offset: number, table: Buffer, fragInfo: boolean, fix: FixMode, active: boolean): Promise<void> {
+  private async countL2Entries(res: CheckCounters, l2Offset: number, table: Buffer, fragInfo: boolean, fix: FixMode, active: boolean, zeroed: ZeroedEntries): Promise<void> {
     const g = this.image.geometry;
     const hasDataFile = this.image.hasDataFile;
     let nextContiguous = 0;
-    for (let i = 0; i < g.l2Entries; i++) {
-      if (isZeroEntry(table, i, g.l2EntryBytes)) continue;
+    for (let i = nextNonZeroEntry(table, 0, g.l2EntryBytes, g.l2Entries); i < g.l2Entries; i = nextNonZeroEntry(table, i + 1, g.l2EntryBytes, g.l2Entries)) {
       const e = readL2Entry(table, i, g);
       const kind = clusterKind(e, g, hasDataFile);
       if (kind !== 'compressed' && ((e.hi & 0x3f000000) !== 0 || (e.lo & 0x1fe) !== 0)) {
@@ -574,9 +593,8 @@ class Checker {
             if (!containsData) {
               if (this.verbose) this.note(`${fix.errors ? 'Repairing' : 'ERROR'} offset=${hex(offset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
               if (fix.errors) {
-                const outcome = await this.fixL2EntryByZero(res, l2Offset, table, i, active);
-                if (outcome === 'overlap') throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
-                if (outcome === 'fixed') continue;
+                if (this.fixL2EntryByZero(res, l2Offset, table, i, active, zeroed) === 'overlap') throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
+                continue;
               }
             } else {
               if (this.verbose) this.note(`ERROR offset=${hex(offset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
@@ -638,8 +656,8 @@ class Checker {
     const cs = this.clusterSize;
     const refcounts = this.image.refcounts;
     const table = await this.read(refcounts.reftableOffset, refcounts.reftableClusters * cs);
-    for (let i = 0; i < table.length / 8; i++) {
-      if (table.readUInt32BE(i * 8) === 0 && table.readUInt32BE(i * 8 + 4) === 0) continue; // no refcount block
+    const entries = table.length / 8;
+    for (let i = nextNonZeroEntry(table, 0, 8, entries); i < entries; i = nextNonZeroEntry(table, i + 1, 8, entries)) {
       const raw = readU64(table, i * 8);
       const offsetRaw = raw & ~0x1ffn;
       if ((raw & 0x1ffn) !== 0n) {
@@ -878,8 +896,7 @@ class Checker {
       const messages: string[] = [];
       let dirty = 0;
       let mismatches = 0;
-      for (let j = 0; j < g.l2Entries; j++) {
-        if (isZeroEntry(table, j, g.l2EntryBytes)) continue;
+      for (let j = nextNonZeroEntry(table, 0, g.l2EntryBytes, g.l2Entries); j < g.l2Entries; j = nextNonZeroEntry(table, j + 1, g.l2EntryBytes, g.l2Entries)) {
         const e = readL2Entry(table, j, g);
         const kind = clusterKind(e, g, image.hasDataFile);
         if (kind !== 'normal' && kind !== 'zero-alloc') continue;
@@ -1010,6 +1027,26 @@ export function isZeroEntry(table: Buffer, index: number, entryBytes: number): b
   const pos = index * entryBytes;
   for (let k = 0; k < entryBytes; k += 4) if (table.readUInt32BE(pos + k) !== 0) return false;
   return true;
+}
+
+const ZERO_RUN = Buffer.alloc(512);
+
+/**
+ * The first entry at or after `index` (before `limit`) that is not all zeros, or `limit`: empty
+ * stretches of a table are skipped 512 bytes at a time with a native compare.
+ */
+export function nextNonZeroEntry(table: Buffer, index: number, entryBytes: number, limit: number): number {
+  let i = index;
+  const perRun = ZERO_RUN.length / entryBytes;
+  while (i < limit) {
+    if (i % perRun === 0 && i + perRun <= limit && table.compare(ZERO_RUN, 0, ZERO_RUN.length, i * entryBytes, (i + perRun) * entryBytes) === 0) {
+      i += perRun;
+      continue;
+    }
+    if (!isZeroEntry(table, i, entryBytes)) return i;
+    i++;
+  }
+  return limit;
 }
 
 function bitmapTableEntryValid(entry: bigint, clusterSize: number): boolean {

@@ -11,7 +11,7 @@
  * Hostile offsets (past the end of the file, unaligned) are ignored, never followed.
  */
 import type { LayoutEntry } from './block-device.js';
-import { isZeroEntry } from './check.js';
+import { nextNonZeroEntry } from './check.js';
 import type { Qcow2Image } from './image.js';
 import { clusterKind, compressedClusterRange, decodeCompressed, entryOffset, l2HostOffset, readL2Entry } from './l2-entry.js';
 import { getRefcount } from './refcount-block.js';
@@ -145,8 +145,7 @@ function l2Tables(l1: Buffer, entries: number, clusterSize: number, fileBytes: n
  */
 function markL2Entries(image: Qcow2Image, w: Window, table: Buffer, firstGuest: number, snapshot: boolean, chunksSeen: Set<number> | undefined): void {
   const g = image.geometry;
-  for (let j = 0; j < g.l2Entries; j++) {
-    if (isZeroEntry(table, j, g.l2EntryBytes)) continue;
+  for (let j = nextNonZeroEntry(table, 0, g.l2EntryBytes, g.l2Entries); j < g.l2Entries; j = nextNonZeroEntry(table, j + 1, g.l2EntryBytes, g.l2Entries)) {
     const e = readL2Entry(table, j, g);
     const kind = clusterKind(e, g, image.hasDataFile);
     const guestOffset = firstGuest + j * g.clusterSize;

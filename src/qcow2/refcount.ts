@@ -22,6 +22,9 @@ import debugFactory from 'debug';
 
 const trace = debugFactory('qcow2fuse:refcount');
 
+/** 64 empty refcount table entries, to find runs of them with one compare. */
+const ZERO_ENTRIES = Buffer.alloc(512);
+
 export interface RefcountContext {
   image: string;
   file: HostFile;
@@ -66,7 +69,14 @@ export class Refcounts {
     this.reftableClusters = clusters;
     this.reftable = [];
     this.allocatedClusters = undefined;
-    for (let i = 0; i < bytes / 8; i++) {
+    const entries = bytes / 8;
+    for (let i = 0; i < entries; i++) {
+      // Runs of empty entries (most of a large table) are skipped 64 at a time with a native compare.
+      if (i % 64 === 0 && i + 64 <= entries && buf.compare(ZERO_ENTRIES, 0, 512, i * 8, i * 8 + 512) === 0) {
+        for (let k = 0; k < 64; k++) this.reftable.push(0);
+        i += 63;
+        continue;
+      }
       // As QEMU: reserved bits are ignored here, a bad offset is corruption where the block is used
       // (-1 stands for one beyond 2^53); check reports both.
       if (buf.readUInt32BE(i * 8) === 0 && buf.readUInt32BE(i * 8 + 4) === 0) {
