@@ -1023,7 +1023,7 @@ class Checker {
 }
 
 /** Whether L2 entry `index` (with its bitmap) is all zeros: an unallocated cluster with nothing to check. */
-export function isZeroEntry(table: Buffer, index: number, entryBytes: number): boolean {
+function isZeroEntry(table: Buffer, index: number, entryBytes: number): boolean {
   const pos = index * entryBytes;
   for (let k = 0; k < entryBytes; k += 4) if (table.readUInt32BE(pos + k) !== 0) return false;
   return true;

@@ -7,7 +7,9 @@
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { CodedError } from '../../../src/io/errors.js';
+import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
+import { StagingFile } from '../../../src/qcow2/repair.js';
 import { sha256 } from '../../helpers/files.js';
 import { qemuImgCheck, qemuImgCreate, qemuIo, qemuIoOk } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
@@ -93,5 +95,58 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
     // QEMU leaves it marked corrupt (and may leave it half repaired); ours stages the repair and writes nothing.
     expect(await incompatibleBits(theirs)).toBe(0x03);
     expect(sha256(await readFile(ours))).toBe(hash);
+  });
+});
+
+describe('StagingFile (the staged dirty repair)', () => {
+  function real(bytes: number): MemoryHostFile {
+    const data = Buffer.alloc(bytes);
+    for (let i = 0; i < bytes; i++) data[i] = i % 251;
+    return MemoryHostFile.from(data);
+  }
+
+  async function contents(file: { size(): Promise<number>; pread(buf: Uint8Array, offset: number): Promise<number> }): Promise<Buffer> {
+    const buf = Buffer.alloc(await file.size());
+    await file.pread(buf, 0);
+    return buf;
+  }
+
+  it('shows staged writes to reads and leaves the real file alone until commit', async () => {
+    const inner = real(40_000);
+    const before = await contents(inner);
+    const staged = new StagingFile(inner, 40_000, 8192);
+    await staged.pwrite(Buffer.alloc(5000, 0xee), 3000);
+    await staged.pwrite(Buffer.alloc(10, 0xdd), 45_000); // past the end: the file grows, the gap reads as zeros
+    expect(await staged.size()).toBe(45_010);
+    const view = await contents(staged);
+    expect(view.subarray(3000, 8000).equals(Buffer.alloc(5000, 0xee))).toBe(true);
+    expect(view.subarray(0, 3000).equals(before.subarray(0, 3000))).toBe(true);
+    expect(view.subarray(40_000, 45_000).equals(Buffer.alloc(5000))).toBe(true);
+    expect((await contents(inner)).equals(before)).toBe(true);
+
+    await staged.commit();
+    expect((await contents(inner)).equals(view)).toBe(true);
+  });
+
+  it('stages truncation and punched holes, and commits the header cluster last', async () => {
+    const inner = real(64 * 1024);
+    const staged = new StagingFile(inner, 64 * 1024, 8192);
+    expect(await staged.punchHole(20_000, 6000)).toBe(true);
+    await staged.truncate(30_000);
+    await staged.pwrite(Buffer.alloc(16, 0x11), 0);
+    const view = await contents(staged);
+    expect(view.length).toBe(30_000);
+    expect(view.subarray(20_000, 26_000).equals(Buffer.alloc(6000))).toBe(true);
+
+    const order: number[] = [];
+    const pwrite = inner.pwrite.bind(inner);
+    inner.pwrite = async (buf, offset, point) => {
+      order.push(offset);
+      await pwrite(buf, offset, point);
+    };
+    await staged.commit();
+    expect(order[order.length - 1]).toBe(0);
+    expect(order.slice(0, -1).every((offset) => offset >= 8192)).toBe(true);
+    expect((await contents(inner)).equals(view)).toBe(true);
   });
 });
