@@ -40,8 +40,8 @@ describe.skipIf(!hasQemu)('write path smoke', () => {
       await writeFile(raw, model);
       const check = await qemuImgCheck(img);
       expect(check.report).toMatchObject({ 'check-errors': 0 });
-      expect(check.report.corruptions ?? 0).toBe(0);
-      expect(check.report.leaks ?? 0).toBe(0);
+      expect(check.report?.corruptions ?? 0).toBe(0);
+      expect(check.report?.leaks ?? 0).toBe(0);
       expect(await qemuImgCompare(img, raw)).toBe(true);
       const again = await Qcow2Image.open(img, { readOnly: true });
       expect((await again.read(0, size)).equals(await readFile(raw))).toBe(true);
