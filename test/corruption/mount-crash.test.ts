@@ -3,18 +3,18 @@
  * workload (fio), again and again on the same image. Each round mounts the image, writes one more
  * 1 MiB slice with `dd conv=fsync` (durable once dd returns), starts fio (random 4–64 KiB O_SYNC
  * writes of a per-round pattern into the round's own region; every write fio completes is durable)
- * and kills the daemon at a random moment. After every kill the image opens (ours, writable, and
+ * and, once fio holds the mounted file open, kills the daemon at a random moment. After every kill the image opens (ours, writable, and
  * qemu-io), `qemu-img check` and ours find at most leaks, and every durable write so far — the dd
  * slices and each write fio logged as completed — reads back exactly (through qemu-img convert).
  *
  * Kills: QCOW2FUSE_FIO_KILLS (default 10; the acceptance run uses 50). Randomness: TEST_SEED.
  */
-import { open, readFile } from 'node:fs/promises';
+import { open, readdir, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { Qcow2Image } from '../../src/qcow2/image.js';
-import { IngestMount, MiB, start } from '../helpers/compress-ingest.js';
+import { IngestMount, MiB, start, type Started } from '../helpers/compress-ingest.js';
 import { run } from '../helpers/exec.js';
 import { writePatternFile } from '../helpers/files.js';
 import { Prng, seedFromEnv } from '../helpers/patterns.js';
@@ -47,6 +47,18 @@ async function completedWrites(logPath: string): Promise<[number, number][]> {
     const fields = line.split(',').map((f) => Number(f.trim()));
     return [fields[4], fields[3]];
   });
+}
+
+/** Resolves true once `writer` has `path` open (/proc/PID/fd), false when it ends first. */
+async function waitForOpen(writer: Started, path: string): Promise<boolean> {
+  let finished = false;
+  writer.done.then(() => { finished = true; }, () => { finished = true; });
+  while (!finished) {
+    const fds = await readdir(`/proc/${writer.pid}/fd`).catch(() => [] as string[]);
+    for (const fd of fds) if (await readlink(`/proc/${writer.pid}/fd/${fd}`).catch(() => '') === path) return true;
+    await sleep(2);
+  }
+  return false;
 }
 
 async function readAt(path: string, offset: number, bytes: number): Promise<Buffer> {
@@ -90,9 +102,13 @@ describe.skipIf(!ready)('kill -9 of the daemon during a random-write workload', 
           `--offset=${FIO_BASE + round * FIO_REGION_BYTES}`, `--size=${FIO_REGION_BYTES}`, '--ioengine=psync', '--sync=1',
           `--randseed=${prng.int(0x7fffffff)}`, `--buffer_pattern=0x${roundPattern(round).toString('hex')}`,
           `--write_lat_log=${logPrefix}`, '--log_offset=1', '--output-format=terse', `--output=${logPrefix}.out`,
+          '--thread', '--allow_file_create=0',
         ]);
         const what = `round ${round}`;
-        await Promise.race([sleep(100 + prng.int(2400)), fio.done]);
+        // The moment is random within the workload: count from when fio holds the mounted file open
+        // (a kill before that would leave fio nothing to write to).
+        expect([what, await waitForOpen(fio, m.disk)]).toEqual([what, true]);
+        await Promise.race([sleep(prng.int(2500)), fio.done]);
         await m.kill();
         const finished = await fio.done;
         if (finished.code !== 0) interrupted++;
