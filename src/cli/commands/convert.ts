@@ -221,7 +221,7 @@ async function qcow2Sink(path: string, virtualSize: number, options: CreateOptio
     ordered: false,
     async write(chunk) {
       if (!chunk.data) return;
-      // Windows start cluster aligned (WINDOW_BYTES is a multiple of every cluster size), so runs are too.
+      // Runs start where the source's extents do, not always on a cluster of ours: the driver completes partial clusters.
       await Promise.all(nonZeroRuns(chunk.data, clusterBytes).map(([start, end]) => image.write(chunk.guestOffset + start, chunk.data!.subarray(start, end))));
     },
     async close() {
