@@ -129,6 +129,25 @@ interface CheckSnapshot {
 
 type RefblockRead = Buffer | undefined | 'error';
 
+/** Sequential reads of a table through a 1 MiB window: one host read per window, not per field (views into it). */
+class WindowReader {
+  private windowOffset = 0;
+  private window: Buffer = Buffer.alloc(0);
+  private readonly load: (offset: number, bytes: number) => Promise<Buffer>;
+
+  constructor(load: (offset: number, bytes: number) => Promise<Buffer>) {
+    this.load = load;
+  }
+
+  async read(offset: number, bytes: number): Promise<Buffer> {
+    if (offset < this.windowOffset || offset + bytes > this.windowOffset + this.window.length) {
+      this.windowOffset = offset;
+      this.window = await this.load(offset, Math.max(bytes, 1024 * 1024));
+    }
+    return this.window.subarray(offset - this.windowOffset, offset - this.windowOffset + bytes);
+  }
+}
+
 /** Entries of one L2 table fix_l2_entry_by_zero changed (index range, count), written after the walk. */
 interface ZeroedEntries {
   count: number;
@@ -299,6 +318,7 @@ class Checker {
       throw new CheckAbortError(invalid[0], invalid[1]);
     }
     const tableOffset = Number(offsetRaw);
+    const table = new WindowReader((offset, bytes) => this.read(offset, bytes));
     const snapshots: CheckSnapshot[] = [];
     const repair = this.fix.errors;
     let pos = 0; // relative to the table start
@@ -313,7 +333,7 @@ class Checker {
       const entryStart = pos;
       tableLength = Math.ceil(tableLength / 8) * 8;
       pos = Math.ceil(pos / 8) * 8;
-      const head = await this.read(tableOffset + pos, SNAPSHOT_HEADER_BYTES);
+      const head = await table.read(tableOffset + pos, SNAPSHOT_HEADER_BYTES);
       pos += SNAPSHOT_HEADER_BYTES;
       const l1OffsetRaw = readU64(head, 0);
       let extraDataBytes = head.readUInt32BE(36);
@@ -327,16 +347,16 @@ class Checker {
         truncateExtra = true;
       }
       const knownBytes = Math.min(24, extraDataBytes);
-      const known = await this.read(tableOffset + pos, 24);
+      const known = await table.read(tableOffset + pos, 24);
       pos += knownBytes;
       let unknown: Buffer = Buffer.alloc(0);
       if (extraDataBytes > 24) {
         const extraEnd = pos + extraDataBytes - 24;
         if (truncateExtra) extraDataBytes = QCOW_MAX_SNAPSHOT_EXTRA_DATA;
-        unknown = await this.read(tableOffset + pos, extraDataBytes - 24);
+        unknown = await table.read(tableOffset + pos, extraDataBytes - 24);
         pos = extraEnd;
       }
-      const strings = await this.read(tableOffset + pos, idBytes + nameBytes);
+      const strings = await table.read(tableOffset + pos, idBytes + nameBytes);
       pos += idBytes + nameBytes;
       const vmStateBytes = extraDataBytes >= 8 ? Number(readU64(known, 0)) : head.readUInt32BE(32);
       const sectors = Math.floor(this.image.virtualSize / 512);
