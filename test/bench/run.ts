@@ -6,9 +6,11 @@
  * Environment: BENCH=name,name (selection, like argv), REPS (default 3), BENCH_DIR (scratch base,
  * default /var/tmp: a disk filesystem, O_DIRECT-capable), BENCH_OUT (report path), BENCH_DROP_CACHES=0
  * (never drop the page cache, e.g. in smoke tests). Benchmark-specific
- * sizes are documented in each module (e.g. BENCH_ODIRECT_BYTES).
+ * sizes are documented in each module (e.g. BENCH_ODIRECT_BYTES). SIGINT/SIGTERM remove the current
+ * benchmark's scratch directory before exiting (a benchmark that mounts must unmount in its own code).
  */
 import { execFile } from 'node:child_process';
+import { rmSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -86,8 +88,16 @@ async function main(argv: string[]): Promise<number> {
   const facts = await machineFacts(baseDir, canDropCaches);
   const sections: string[] = [];
   let failed = false;
+  let current: string | undefined;
+  for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+    process.once(signal, () => {
+      if (current !== undefined) rmSync(current, { recursive: true, force: true });
+      process.exit(code);
+    });
+  }
   for (const benchmark of selected) {
     const dir = await mkdtemp(join(baseDir, `qcow2fuse-bench-${benchmark.name}-`));
+    current = dir;
     log(`${benchmark.name}: ${benchmark.description} (${reps} reps, in ${dir})`);
     let rows: BenchRow[] | undefined;
     try {
@@ -98,6 +108,7 @@ async function main(argv: string[]): Promise<number> {
       sections.push(`### ${benchmark.name}\n\nFAILED: ${message.split('\n')[0] ?? ''}`);
     } finally {
       await rm(dir, { recursive: true, force: true });
+      current = undefined;
     }
     if (rows === undefined) {
       failed = true;
