@@ -290,9 +290,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       writeUncompressed: (guestOffset, data) => this.writeNormal(guestOffset, data, directTracked),
       zeroCluster: (clusterIndex) => this.zeroClusterForCompress(clusterIndex),
       allocClustersLocked: (n) => this.refcounts.allocClusters(n),
-      updateRefcountLocked: (hostClusterIndex, addend) => addend < 0
-        ? this.activeMap.freeHostClusters(hostClusterIndex * this.geometry.clusterSize, this.geometry.clusterSize)
-        : this.refcounts.updateRefcount(hostClusterIndex * this.geometry.clusterSize, this.geometry.clusterSize, addend),
+      // +1 per linked chunk; -1 drops the writer's own allocation reference, which no L2 entry holds:
+      // the count left still covers every chunk linked, so it needs no L2-first ordering (DESIGN §4
+      // rule 3 is for removing a reference an L2 entry holds). A refcount→L2 dependency here made the
+      // next link write back the L2 cache and fdatasync once per host cluster (~75% more bytes written).
+      updateRefcountLocked: (hostClusterIndex, addend) => this.refcounts.updateRefcount(hostClusterIndex * this.geometry.clusterSize, this.geometry.clusterSize, addend),
       linkCompressedLocked: (guestClusterIndex, entry) => this.activeMap.linkCompressed(guestClusterIndex, entry),
     }, options);
   }
@@ -549,7 +551,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         else out.fill(0);
         return;
       case 'data': {
-        const n = await this.dataFile.pread(out, s.hostOffset, 'data');
+        // A compressed mount reads through its O_DIRECT handle too: read-back must not fill the page cache.
+        const n = await (this.directFile ?? this.dataFile).pread(out, s.hostOffset, 'data');
         if (n < out.length) out.fill(0, n);
         return;
       }
@@ -583,7 +586,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private async decompressInto(hostOffset: number, compressedBytes: number, out: Buffer): Promise<void> {
     const readBytes = Math.min(compressedBytes, Math.max(0, (this.file as SizeTrackingFile).sizeBytes - hostOffset));
     const src = Buffer.allocUnsafe(readBytes);
-    const n = await this.file.pread(src, hostOffset, 'compressed');
+    const n = await (this.directFile ?? this.file).pread(src, hostOffset, 'compressed');
     await this.decompressChunk(src.subarray(0, n), hostOffset, compressedBytes, out);
   }
 
