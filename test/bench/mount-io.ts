@@ -16,13 +16,14 @@
  *
  * Metrics per run: peak RSS (VmHWM) and CPU seconds of the daemon, growth of `Cached:` (page cache
  * the run created, including the mount file's), residency of the qcow2 file, the 1-minute load
- * average at the start (the machine may be shared), and for fio the read and write IOPS.
+ * average at the start and the page-cache drops someone else made during the run (the machine may be
+ * shared: such a run's cache figures mean nothing), and for fio the read and write IOPS.
  * BENCH_MOUNTIO_CASES=read,write,fio selects the parts (default all).
  */
 import { copyFile, mkdir, rm, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
-import { CLI, cpuSeconds, type MountedDaemon, peakRssBytes, startOurMount, startQsdExport } from '../helpers/bench-mount.js';
+import { CLI, cpuSeconds, type MountedDaemon, pageCacheDrops, peakRssBytes, startOurMount, startQsdExport } from '../helpers/bench-mount.js';
 import { makeExt4Image } from '../helpers/files.js';
 import type { BenchContext, Benchmark, BenchRow } from './harness.js';
 
@@ -93,16 +94,21 @@ async function mountedRun<T>(
   try {
     const load = loadavg()[0] ?? 0;
     const cpuBefore = await cpuSeconds(daemon.pid);
-    const timed = await ctx.timed(() => work(daemon.file));
+    const timed = await ctx.timed(async () => {
+      const drops = await pageCacheDrops();
+      const value = await work(daemon.file);
+      return { value, foreignDrops: (await pageCacheDrops()) - drops };
+    });
     const metrics = {
       'daemon CPU s': (await cpuSeconds(daemon.pid)) - cpuBefore,
       'peak RSS MiB': (await peakRssBytes(daemon.pid)) / MiB,
       'Δ Cached MiB': timed.cachedGrowthBytes / MiB,
       'img cache MiB': (await ctx.residentBytes(image)) / MiB,
       load1: load,
+      'foreign cache drops': timed.value.foreignDrops,
     };
     await after(daemon.file);
-    return { seconds: timed.seconds, value: timed.value, metrics };
+    return { seconds: timed.seconds, value: timed.value.value, metrics };
   } finally {
     await daemon.stop();
   }

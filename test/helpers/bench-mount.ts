@@ -106,6 +106,15 @@ export async function peakRssBytes(pid: number): Promise<number> {
   return Number(match[1]) * 1024;
 }
 
+/**
+ * How often the page cache has been dropped machine-wide (`drop_pagecache` in /proc/vmstat): a change
+ * over a timed run that did not drop it itself means someone else did, and its cache figures are void.
+ */
+export async function pageCacheDrops(): Promise<number> {
+  const match = /^drop_pagecache (\d+)$/m.exec(await readFile('/proc/vmstat', 'utf8'));
+  return match === null ? 0 : Number(match[1]);
+}
+
 /** User + system CPU seconds a running process has used so far. */
 export async function cpuSeconds(pid: number): Promise<number> {
   const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
