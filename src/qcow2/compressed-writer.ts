@@ -469,8 +469,11 @@ export class CompressedWriter {
       await this.placeChain;
       await Promise.all(this.area.filter((c) => c.fillBytes > c.writtenBytes).map((c) => this.writeHostCluster(c)));
       if (this.inflight.size === 0 && this.pending.size === 0) break;
-      // Chunks placed while we were writing: go round again rather than wait for a change that came.
-      if (this.area.some((c) => c.fillBytes > c.writtenBytes) || this.pending.size > 0) continue;
+      // Chunks placed or clusters written while we were writing: go round again rather than wait for
+      // a change that came. A cluster whose newer version waits behind its in-flight older one starts
+      // only when that one finishes: wait for it (going round would spin without ever yielding).
+      const startable = [...this.pending.values()].some((p) => p.coverage !== undefined || !this.inflight.has(p.clusterIndex));
+      if (startable || this.area.some((c) => c.fillBytes > c.writtenBytes)) continue;
       await new Promise<void>((r) => this.changeWaiters.push(r));
     }
     await this.releaseEmpty();
