@@ -133,8 +133,8 @@ function ours(tool: string, client: (src: string, disk: string) => [string, stri
     async run(ctx, data, codec, image) {
       await createEmptyImage(image, grows ? 0 : data.bytes, codec);
       const profileDir = process.env.BENCH_INGEST_CPU_PROF;
-      const env = profileDir === undefined || profileDir === '' ? {} : { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${profileDir}` };
-      const m = new IngestMount(image, join(ctx.dir, 'mnt'), join(ctx.dir, 'run'), env);
+      const nodeArgs = profileDir === undefined || profileDir === '' ? [] : ['--cpu-prof', `--cpu-prof-dir=${profileDir}`];
+      const m = new IngestMount(image, join(ctx.dir, 'mnt'), join(ctx.dir, 'run'), {}, nodeArgs);
       const pid = await m.mount(['compress']);
       try {
         const cpuBefore = await cpuSeconds(pid);

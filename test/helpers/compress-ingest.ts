@@ -204,7 +204,11 @@ export class IngestMount {
   readonly env: NodeJS.ProcessEnv;
   pid: number | undefined;
 
-  constructor(readonly image: string, readonly mnt: string, readonly runtime: string, env: NodeJS.ProcessEnv = {}) {
+  /**
+   * `nodeArgs` go to `node` before the CLI (e.g. --cpu-prof); the daemon inherits them, being started
+   * with the mount command's execArgv.
+   */
+  constructor(readonly image: string, readonly mnt: string, readonly runtime: string, env: NodeJS.ProcessEnv = {}, readonly nodeArgs: readonly string[] = []) {
     this.env = { ...process.env, QCOW2FUSE_RUNTIME_DIR: runtime, ...env };
   }
 
@@ -215,7 +219,7 @@ export class IngestMount {
   async mount(options: readonly string[] = ['compress']): Promise<number> {
     await mkdir(this.mnt, { recursive: true });
     registerMount(this.mnt);
-    const result = await run(process.execPath, [CLI, 'mount', ...options.flatMap((o) => ['-o', o]), this.image, this.mnt], { env: this.env });
+    const result = await run(process.execPath, [...this.nodeArgs, CLI, 'mount', ...options.flatMap((o) => ['-o', o]), this.image, this.mnt], { env: this.env });
     expectSuccess(`qcow2fuse mount ${options.join(',')} ${this.image}`, result);
     const state = await readState(await realpath(this.mnt), this.runtime);
     if (state === undefined) throw new Error(`no daemon recorded for ${this.mnt}`);
