@@ -39,7 +39,11 @@ const OPS = 40;
  */
 class PowerSwitch implements HostFile {
   events = 0;
-  survivor: MemoryHostFile | undefined;
+  /**
+   * Set the moment the power goes, before the survivor is known: I/O racing with the cut (the
+   * writer's background writes) fails with "device lost power" while this is still pending.
+   */
+  cut: Promise<MemoryHostFile> | undefined;
   constructor(readonly faulty: FaultyHostFile, private readonly cutAt: number) {}
   get path(): string { return this.faulty.path; }
   get readOnly(): boolean { return this.faulty.readOnly; }
@@ -47,7 +51,8 @@ class PowerSwitch implements HostFile {
   get dioAlignment(): number { return this.faulty.dioAlignment; }
   private async event(operation: string): Promise<void> {
     if (++this.events !== this.cutAt) return;
-    this.survivor = await this.faulty.powerCut();
+    this.cut = this.faulty.powerCut();
+    await this.cut;
     throw new HostIoError('EIO', this.path, operation, undefined, 'power cut');
   }
   pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.faulty.pread(buf, hostOffset, point); }
@@ -129,9 +134,9 @@ async function runWithCut(path: string, initial: Buffer, model0: GuestModel, ste
     try {
       await runStep(image, step);
     } catch (err) {
-      if (power.survivor === undefined) throw err;
+      if (power.cut === undefined) throw err;
       log.push(`  ^ power cut at I/O event ${cutAt}`);
-      return { cutDone: true, events: power.events, survivor: power.survivor, durable, tail, log };
+      return { cutDone: true, events: power.events, survivor: await power.cut, durable, tail, log };
     }
     if (step.op === 'flush') {
       durable = model.clone();
@@ -146,7 +151,7 @@ async function runWithCut(path: string, initial: Buffer, model0: GuestModel, ste
   }
   // The writer may still hold data and have I/O under way: the cut lands after the last step returned.
   log.push('  (power cut after the last step)');
-  return { cutDone: true, events: power.events, survivor: await faulty.powerCut(), durable, tail, log };
+  return { cutDone: true, events: power.events, survivor: await (power.cut ?? faulty.powerCut()), durable, tail, log };
 }
 
 interface Config {
