@@ -61,7 +61,11 @@ export interface CompressedWriterOptions {
   maxPendingBytes?: number;
   /** Partially covered clusters kept before the oldest is completed and submitted (default 256). */
   maxPartialClusters?: number;
-  /** Host clusters allocated at a time for packing chunks (default: 1 MiB worth, at least 2). */
+  /**
+   * Most host clusters allocated at a time for packing chunks (default: 1 MiB worth, at least 2). A
+   * new area starts with 2 and doubles with each contiguous extension up to this, so an image whose
+   * chunks are tiny (a disk of one repeated byte) does not leave most of an area unused.
+   */
   areaClusters?: number;
 }
 
@@ -142,6 +146,8 @@ export class CompressedWriter {
   private readonly maxPendingBytes: number;
   private readonly maxPartialClusters: number;
   private readonly areaClusters: number;
+  /** Clusters the next area allocation asks for (2, doubling while the area extends in place). */
+  private nextAreaClusters = 2;
   private readonly alignment: number;
   private readonly pending = new Map<number, PendingCluster>();
   private readonly inflight = new Map<number, InflightOp>();
@@ -159,7 +165,7 @@ export class CompressedWriter {
     this.g = host.geometry;
     this.maxPendingBytes = Math.max(options.maxPendingBytes ?? 64 * 1024 * 1024, 4 * this.g.clusterSize);
     this.maxPartialClusters = Math.min(options.maxPartialClusters ?? 256, Math.floor(this.maxPendingBytes / this.g.clusterSize / 2));
-    this.areaClusters = options.areaClusters ?? Math.max(2, Math.floor((1024 * 1024) / this.g.clusterSize));
+    this.areaClusters = Math.max(2, options.areaClusters ?? Math.floor((1024 * 1024) / this.g.clusterSize));
     this.alignment = Math.max(host.directFile.dioAlignment, 512);
   }
 
@@ -316,13 +322,15 @@ export class CompressedWriter {
     // A cluster whose refcount (writer reference + chunks) could not take another chunk is skipped.
     if (current && current.nbChunks + 2 > this.host.maxRefcount) this.fillOffset = current.hostOffset + cs;
     if (this.area.length > 0 && this.fillOffset >= this.area[0].hostOffset && this.fillOffset + bytes <= this.areaEnd) return;
-    const need = Math.max(this.areaClusters, Math.ceil(bytes / cs) + 1);
+    const need = Math.max(this.nextAreaClusters, Math.ceil(bytes / cs) + 1);
     const hostOffset = await this.host.locked(() => this.host.allocClustersLocked(need));
     const fresh = Array.from({ length: need }, (_, i) => this.newHostCluster(hostOffset + i * cs));
     if (this.area.length > 0 && hostOffset === this.areaEnd && this.fillOffset >= this.area[0].hostOffset) {
       this.area.push(...fresh);
+      this.nextAreaClusters = Math.min(this.areaClusters, 2 * this.nextAreaClusters);
       return;
     }
+    this.nextAreaClusters = 2;
     // Not contiguous: the old area is closed (its partly filled cluster written, its empty ones released).
     await this.closeArea();
     this.area = fresh;

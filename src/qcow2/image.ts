@@ -126,8 +126,6 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private readonly preallocate: boolean;
   /** The host filesystem refused fallocate(ZERO_RANGE): preallocation is skipped from then on. */
   private preallocUnsupported = false;
-  /** The file was extended ahead of its last cluster (trimmed at close). */
-  private preallocatedAhead = false;
   /** Host ranges freed but not yet punched (see onClustersFreed). */
   private readonly punchQueue = new RangeQueue();
   /** Second handle (O_DIRECT) for compressed host clusters. */
@@ -733,8 +731,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     const start = Math.max(tracked.sizeBytes, runStart);
     const end = Math.max(runEnd, Math.ceil(runEnd / aheadBytes) * aheadBytes);
     try {
-      if (await tracked.zeroRange(start, end - start, false)) this.preallocatedAhead = true;
-      else this.preallocUnsupported = true;
+      if (!(await tracked.zeroRange(start, end - start, false))) this.preallocUnsupported = true;
     } catch (err) {
       // Only an optimisation: a host that cannot reserve the space (ENOSPC …) still gets the data
       // write, which reports the error if it too fails.
@@ -742,12 +739,16 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     }
   }
 
-  /** Give back the preallocated tail past the last allocated cluster (close). */
-  private async trimPreallocation(): Promise<void> {
-    if (!this.preallocatedAhead) return;
+  /**
+   * Give back the tail of the file past the last allocated cluster that this session added
+   * (preallocation ahead, the compressed writer's unused area, clusters freed at the end): close.
+   * Never below the size at open, so whatever another tool left past its clusters stays.
+   */
+  private async trimTail(): Promise<void> {
     const tracked = this.file as SizeTrackingFile;
     const allocatedEnd = await this.refcounts.allocatedEnd();
-    if (allocatedEnd > 0 && (await tracked.size()) > allocatedEnd) await tracked.truncate(allocatedEnd);
+    const target = Math.max(allocatedEnd, tracked.openedBytes);
+    if (allocatedEnd > 0 && (await tracked.size()) > target) await tracked.truncate(target);
   }
 
   /**
@@ -948,6 +949,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   private async flushLocked(): Promise<void> {
+    await this.activeMap.releaseDeferredFrees();
     await this.l2Cache.flush();
     await this.refcountCache.flush();
     await this.file.fdatasync();
@@ -1004,7 +1006,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         await this.compressedWriter?.close();
         await this.lock.run(async () => {
           await this.flushLocked();
-          await this.trimPreallocation();
+          await this.trimTail();
           if (hasBit(this.header.incompatibleFeatures, INCOMPAT_DIRTY)) {
             await this.updateHeader({ incompatibleFeatures: withBit(this.header.incompatibleFeatures, INCOMPAT_DIRTY, false) });
           }
@@ -1027,12 +1029,15 @@ export class Qcow2Image implements BlockDevice, BackingReader {
  */
 class SizeTrackingFile implements HostFile {
   sizeBytes: number;
+  /** The file's size when the image was opened. */
+  readonly openedBytes: number;
   onWrite: (endBytes: number) => void = () => undefined;
   private readonly inner: HostFile;
 
   constructor(inner: HostFile, sizeBytes: number) {
     this.inner = inner;
     this.sizeBytes = sizeBytes;
+    this.openedBytes = sizeBytes;
   }
 
   get path(): string { return this.inner.path; }
