@@ -50,18 +50,24 @@ export function isDirectIoReady(view: ArrayBufferView, hostOffset: number, memAl
  * A pool of aligned buffers in power-of-two size classes (from the alignment up to
  * `maxPooledBytes`). `acquire(bytes)` returns a zero-filled buffer of at least `bytes` (callers
  * slice it); `release` hands it back. Requests above `maxPooledBytes` are allocated on demand and
- * never retained, so the pool holds at most `maxPerClass` buffers of each class.
+ * never retained, so the pool holds at most `maxPerClass` buffers of each class (fewer where
+ * `classBudgetBytes` says so).
  */
 export class AlignedBufferPool {
   readonly alignmentBytes: number;
   readonly maxPooledBytes: number;
   readonly maxPerClass: number;
+  /** Bytes one size class may keep: a class of big buffers keeps fewer of them. */
+  readonly classBudgetBytes: number;
   private readonly free = new Map<number, Buffer[]>();
+  private readonly pooled = new WeakSet<Buffer>();
 
-  constructor(alignmentBytes: number = DEFAULT_ALIGNMENT_BYTES, maxPooledBytes = 4 * 1024 * 1024, maxPerClass = 4) {
+  constructor(alignmentBytes: number = DEFAULT_ALIGNMENT_BYTES, maxPooledBytes = 4 * 1024 * 1024, maxPerClass = 4,
+    classBudgetBytes = Number.POSITIVE_INFINITY) {
     this.alignmentBytes = alignmentBytes;
     this.maxPooledBytes = maxPooledBytes;
     this.maxPerClass = maxPerClass;
+    this.classBudgetBytes = classBudgetBytes;
   }
 
   /** Size class of a request: the smallest power of two >= max(bytes, alignment). */
@@ -82,6 +88,7 @@ export class AlignedBufferPool {
     if (buffer === undefined) {
       return allocAligned(size, this.alignmentBytes);
     }
+    this.pooled.delete(buffer);
     buffer.fill(0);
     return buffer;
   }
@@ -92,8 +99,10 @@ export class AlignedBufferPool {
       return;
     }
     const list = this.free.get(size) ?? [];
-    if (list.length < this.maxPerClass && !list.includes(buffer)) {
+    const keep = Math.max(1, Math.min(this.maxPerClass, Math.floor(this.classBudgetBytes / size)));
+    if (list.length < keep && !this.pooled.has(buffer)) {
       list.push(buffer);
+      this.pooled.add(buffer);
       this.free.set(size, list);
     }
   }

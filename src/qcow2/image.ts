@@ -704,7 +704,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
           const clusterStart = runStart + i * g.clusterSize;
           const start = Math.max(plan.guestOffset, clusterStart) - clusterStart;
           const end = Math.min(plan.guestOffset + plan.bytes, clusterStart + g.clusterSize) - clusterStart;
-          newEntries.push(this.activeMap.newEntryAfterWrite(plan.oldEntries[i]!, plan.hostOffset + i * g.clusterSize, start, end));
+          newEntries.push(this.activeMap.newEntryAfterWrite(plan.oldEntries[i], plan.hostOffset + i * g.clusterSize, start, end));
         }
       } catch (err) {
         await this.lock.run(() => this.activeMap.abortAlloc(plan)).catch(() => undefined);
@@ -766,8 +766,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     let fillStart: number;
     let fillEnd: number;
     const moved = plan.mode === 'alloc';
-    const first = plan.oldEntries[0]!;
-    const last = plan.oldEntries[plan.oldEntries.length - 1]!;
+    const first = plan.oldEntries[0];
+    const last = plan.oldEntries[plan.oldEntries.length - 1];
     if (!g.extendedL2) {
       fillStart = moved ? runStart : reqStart;
       fillEnd = moved ? runEnd : reqEnd;

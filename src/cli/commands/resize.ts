@@ -10,7 +10,7 @@ export const summary = 'change the virtual size of an image (qemu-img resize)';
 export async function run(argv: string[]): Promise<number> {
   // A leading '-' on the size is a shrink request, not a flag: separate it before getopt.
   const sizeIndex = argv.findIndex((a, i) => i > 0 && /^[+-]?\d/.test(a));
-  const sizeText = sizeIndex >= 0 ? argv[sizeIndex]! : undefined;
+  const sizeText = sizeIndex >= 0 ? argv[sizeIndex] : undefined;
   const rest = argv.filter((_, i) => i !== sizeIndex);
   const { flags, positional } = parseArgs(rest, ['-f'], ['--shrink', '-q']);
   const [path] = positional;
