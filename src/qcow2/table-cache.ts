@@ -43,17 +43,22 @@ export interface TableCacheOptions {
 }
 
 
+const STATE_STRIDE = 2;
+const LRU = 0;
+const PINS = 1;
+
 export class TableCache {
   readonly name: string;
   readonly tableBytes: number;
   readonly nbSlots: number;
   private readonly file: HostFile;
-  // Slot state in parallel typed arrays: the probe loop reads 16 contiguous offsets (two cache lines),
-  // not 16 scattered objects, so lookups cost the same at 64 and 65 536 slots.
+  // Slot state in typed arrays, so lookups cost about the same at 64 and 65 536 slots: the probe loop
+  // reads contiguous offsets (16 slots = two cache lines), not scattered objects; a slot's LRU stamp
+  // and pin count share a cache line (both change on every get/put; a victim scan reads 4 lines).
   /** Host offset of the table in each slot, -1 when empty. */
   private readonly offsets: Float64Array;
-  private readonly pins: Int32Array;
-  private readonly lrus: Float64Array;
+  /** Per slot, STATE_STRIDE numbers: [LRU stamp, pins]. */
+  private readonly state: Float64Array;
   private readonly dirty: Uint8Array;
   private readonly bufs: Buffer[];
   private readonly probeSlots: number;
@@ -77,8 +82,7 @@ export class TableCache {
     this.beforeWrite = options.beforeWrite;
     this.writethrough = options.writethrough ?? false;
     this.offsets = new Float64Array(this.nbSlots).fill(-1);
-    this.pins = new Int32Array(this.nbSlots);
-    this.lrus = new Float64Array(this.nbSlots);
+    this.state = new Float64Array(this.nbSlots * STATE_STRIDE);
     this.dirty = new Uint8Array(this.nbSlots);
     this.bufs = [];
     for (let i = 0; i < this.nbSlots; i++) this.bufs.push(options.allocBuffer(this.tableBytes));
@@ -107,11 +111,11 @@ export class TableCache {
     for (let i = 0; i < this.probeSlots; i++) {
       let s = home + i;
       if (s >= this.nbSlots) s -= this.nbSlots;
-      if (this.pins[s] !== 0) continue;
+      if (this.state[s * STATE_STRIDE + PINS] !== 0) continue;
       if (this.offsets[s] === -1) return s;
-      if (this.lrus[s] < bestLru) {
+      if (this.state[s * STATE_STRIDE + LRU] < bestLru) {
         best = s;
-        bestLru = this.lrus[s]!;
+        bestLru = this.state[s * STATE_STRIDE + LRU];
       }
     }
     if (best === -1) throw new Error(`${this.name} cache: every slot of the probe window is pinned (internal error)`);
@@ -126,21 +130,21 @@ export class TableCache {
       // We hold the metadata lock: nobody pinned or reloaded the victim while it was written.
       this.offsets[s] = -1;
     }
-    this.pins[s] = 1;
+    this.state[s * STATE_STRIDE + PINS] = 1;
     const buf = this.bufs[s];
     if (read) {
       try {
         const n = await this.file.pread(buf, offset, this.writePoint);
         if (n < this.tableBytes) buf.fill(0, n);
       } catch (err) {
-        this.pins[s] = 0;
+        this.state[s * STATE_STRIDE + PINS] = 0;
         throw err;
       }
     } else {
       buf.fill(0);
     }
     this.offsets[s] = offset;
-    this.lrus[s] = ++this.lruCounter;
+    this.state[s * STATE_STRIDE + LRU] = ++this.lruCounter;
     trace('%s: load %d into slot %d', this.name, offset, s);
     return { slot: s, offset, buf };
   }
@@ -150,7 +154,7 @@ export class TableCache {
     const s = this.lookup(offset);
     if (s >= 0) {
       this.stats.hits++;
-      this.pins[s]++;
+      this.state[s * STATE_STRIDE + PINS]++;
       return { slot: s, offset, buf: this.bufs[s] };
     }
     this.stats.misses++;
@@ -161,7 +165,7 @@ export class TableCache {
   async getEmpty(offset: number): Promise<TableHandle> {
     const s = this.lookup(offset);
     if (s >= 0) {
-      this.pins[s]++;
+      this.state[s * STATE_STRIDE + PINS]++;
       const buf = this.bufs[s];
       buf.fill(0);
       return { slot: s, offset, buf };
@@ -172,15 +176,15 @@ export class TableCache {
   /** Unpin. O(1). In writethrough mode a dirty table is written now. */
   async put(handle: TableHandle): Promise<void> {
     const s = handle.slot;
-    this.pins[s]--;
-    this.lrus[s] = ++this.lruCounter;
-    if (this.writethrough && this.dirty[s] && this.pins[s] === 0) await this.writeSlot(s);
+    this.state[s * STATE_STRIDE + PINS]--;
+    this.state[s * STATE_STRIDE + LRU] = ++this.lruCounter;
+    if (this.writethrough && this.dirty[s] && this.state[s * STATE_STRIDE + PINS] === 0) await this.writeSlot(s);
   }
 
   /** Synchronous unpin without writethrough (for hot read paths that never dirty). */
   release(handle: TableHandle): void {
-    this.pins[handle.slot]--;
-    this.lrus[handle.slot] = ++this.lruCounter;
+    this.state[handle.slot * STATE_STRIDE + PINS]--;
+    this.state[handle.slot * STATE_STRIDE + LRU] = ++this.lruCounter;
   }
 
   markDirty(handle: TableHandle): void {
@@ -271,13 +275,13 @@ export class TableCache {
 
   /** Drop every clean, unpinned table (e.g. after an external change); dirty ones stay. */
   invalidateClean(): void {
-    for (let s = 0; s < this.nbSlots; s++) if (!this.dirty[s] && this.pins[s] === 0) this.offsets[s] = -1;
+    for (let s = 0; s < this.nbSlots; s++) if (!this.dirty[s] && this.state[s * STATE_STRIDE + PINS] === 0) this.offsets[s] = -1;
   }
 
   /** Number of slots still pinned (leak detector for tests). */
   pinnedCount(): number {
     let n = 0;
-    for (let s = 0; s < this.nbSlots; s++) if (this.pins[s] > 0) n++;
+    for (let s = 0; s < this.nbSlots; s++) if (this.state[s * STATE_STRIDE + PINS] > 0) n++;
     return n;
   }
 }
