@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import { createImage } from '../../../src/qcow2/create.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { FaultyHostFile } from '../../../src/io/faulty-host-file.js';
-import type { HostFileOpenOptions } from '../../../src/io/host-file.js';
+import { HostIoError } from '../../../src/io/errors.js';
+import type { HostFile, HostFileOpenOptions } from '../../../src/io/host-file.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
 import { qemuImg, qemuImgCheck, qemuImgCompare } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
@@ -96,6 +97,38 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
       await expectClean(img, model, tmp.path);
     }
     await qemuImg(['check', img]);
+  });
+
+  it('where the filesystem refuses O_DIRECT: a warning, buffered compressed writes dropped from the page cache, a clean image', async () => {
+    const img = join(tmp.path, 'nodirect.qcow2');
+    const size = 8 * 1024 * 1024;
+    await createImage(img, { virtualSize: size });
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.message);
+    process.on('warning', onWarning);
+    const dropped: [number, number][] = [];
+    try {
+      const refuseDirect = async (path: string, options: HostFileOpenOptions): Promise<HostFile> => {
+        if (options.direct) throw new HostIoError('EINVAL', path, 'open', undefined, 'O_DIRECT not supported (simulated)');
+        const file = await openNodeHostFile(path, options);
+        const dropCache = file.dropCache.bind(file);
+        file.dropCache = async (offset, length) => { dropped.push([offset, length]); await dropCache(offset, length); };
+        return file;
+      };
+      const file = await refuseDirect(img, { readOnly: false, direct: false, lock: true });
+      const image = await Qcow2Image.open(img, { readOnly: false, compress: true, file, openHostFile: refuseDirect });
+      const model = patternBuffer(size, 77, 0, 'compressible');
+      await image.write(0, model);
+      await image.close();
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(warnings.some((m) => m.includes('O_DIRECT refused'))).toBe(true);
+      expect(dropped.length).toBeGreaterThan(0);
+      const check = await qemuImgCheck(img);
+      expect(check.report?.['compressed-clusters'] ?? 0).toBe(size / 65536);
+      await expectClean(img, model, tmp.path);
+    } finally {
+      process.off('warning', onWarning);
+    }
   });
 
   it('rewriting compressed clusters frees the old chunks in batches, not with two fdatasyncs per cluster', async () => {
