@@ -12,10 +12,11 @@
  * waits for in-flight requests, releases open handles and closes (flushes and unlocks) the device;
  * `closed` settles when that is done.
  */
-import { readdir, realpath, stat } from 'node:fs/promises';
+import { readdir, realpath, stat, writeFile } from 'node:fs/promises';
 import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
+import createDebug from 'debug';
 import type { InspectableDevice } from '../qcow2/block-device.js';
 import { CodedError } from '../io/errors.js';
 import { createFuseAdapter, type FuseAdapter, type FuseNativeOps } from './adapter.js';
@@ -44,6 +45,8 @@ export const WATCHDOG: Readonly<Record<string, number | false>> = {
   default: 15_000, read: false, write: false, flush: false, fsync: false, truncate: false, ftruncate: false,
   open: false, release: false, getattr: false,
 };
+
+const trace = createDebug('qcow2fuse:mount');
 
 /** libfuse's own request trace (its `debug` option) is on when DEBUG names this namespace. */
 const LIBFUSE_DEBUG = 'qcow2fuse:libfuse';
@@ -195,11 +198,23 @@ export class FuseMount {
 }
 
 /**
+ * Set the read-ahead of the mount's bdi (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb). Only an
+ * optimisation: where it cannot be set (no root, no sysfs) the kernel's default stays, with a trace.
+ */
+async function setReadahead(device: string, bytes: number): Promise<void> {
+  try {
+    await writeFile(`/sys/class/bdi/${device}/read_ahead_kb`, `${bytes / 1024}\n`);
+  } catch (err) {
+    trace('cannot set read-ahead of bdi %s to %d bytes: %o', device, bytes, err);
+  }
+}
+
+/**
  * Mount `ops` on `mountpoint` (a checked, real path) with the given libfuse options; resolves once the
  * kernel has initialised the connection. If mounting fails half-way, whatever it left mounted is
  * detached before the error is thrown.
  */
-export async function mountFuse(mountpoint: string, ops: FuseNativeOps, options: readonly string[]): Promise<FuseMount> {
+export async function mountFuse(mountpoint: string, ops: FuseNativeOps, options: readonly string[], readaheadBytes?: number): Promise<FuseMount> {
   const { Qcow2Fuse, binding } = loadFuseNative();
   const before = new Set((await readMounts()).filter((m) => m.mountPoint === mountpoint).map((m) => m.mountId));
   const newMounts = async () => (await readMounts()).filter((m) => m.mountPoint === mountpoint && !before.has(m.mountId));
@@ -215,6 +230,7 @@ export async function mountFuse(mountpoint: string, ops: FuseNativeOps, options:
     await fusermountUnmount(mountpoint, true).catch(() => undefined);
     throw new MountError('EIO', `mounted on ${mountpoint}, but the mount is not in /proc/self/mountinfo`);
   }
+  if (readaheadBytes !== undefined) await setReadahead(entry.device, readaheadBytes);
   return new FuseMount(mountpoint, entry.mountId, fuse, binding);
 }
 
@@ -285,7 +301,7 @@ export class MountSession {
         onError: (op, path, err, errno) => log(`${op} ${path}: ${errno}: ${err instanceof Error ? err.message : String(err)}`),
       });
       const options = { ...req.options, readOnly: req.options.readOnly || device.readOnly };
-      const mount = await mountFuse(mountpoint, adapter.ops, libfuseOptions(options, image));
+      const mount = await mountFuse(mountpoint, adapter.ops, libfuseOptions(options, image), options.readaheadBytes);
       log(`mounted ${image} on ${mountpoint}${options.readOnly ? ' (read-only)' : ''}`);
       return new MountSession(image, mountpoint, device, handlers, adapter, mount, log, req.pollIntervalMs ?? 200);
     } catch (err) {

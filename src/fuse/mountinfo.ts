@@ -6,6 +6,8 @@ import { readFile } from 'node:fs/promises';
 
 export interface MountEntry {
   mountId: number;
+  /** The mount's device as 'major:minor' (for a FUSE mount, also the name of its bdi in /sys/class/bdi). */
+  device: string;
   /** Absolute mount point, octal escapes decoded. */
   mountPoint: string;
   /** e.g. 'fuse.qcow2fuse', 'ext4'. */
@@ -27,6 +29,7 @@ export function parseMountinfo(text: string): MountEntry[] {
     if (dash < 0 || fields.length < dash + 3) continue;
     entries.push({
       mountId: Number(fields[0]),
+      device: fields[2],
       mountPoint: unescape(fields[4]),
       fsType: fields[dash + 1],
       source: unescape(fields[dash + 2]),

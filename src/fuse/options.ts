@@ -12,6 +12,7 @@
  *   allow_other             let other users access the mount (checked against the file modes)
  *   name=NAME               the raw file's name (default disk.raw)
  *   attr_timeout=SECONDS, entry_timeout=SECONDS   kernel attribute/lookup cache (default 0 / 1)
+ *   readahead=SIZE          the kernel's read-ahead on the mount (default 1M; libfuse 2 leaves 128K)
  *
  * The attribute timeout defaults to 0 because the inspection files change size every time they are
  * generated (on open), and the kernel must see the new size before it reads.
@@ -41,6 +42,8 @@ export interface MountOptions {
   attrTimeout: number;
   /** Seconds the kernel may cache name lookups. */
   entryTimeout: number;
+  /** Read-ahead of the mount's bdi, bytes (a multiple of 1024). */
+  readaheadBytes: number;
 }
 
 /** What the image is opened with (Qcow2Image.open's options). */
@@ -55,6 +58,11 @@ export interface DeviceOpenOptions {
 export const DEFAULT_RAW_NAME = 'disk.raw';
 /** Names the mount's root uses besides the raw file (the raw file may not take one of them). */
 export const RESERVED_NAMES: readonly string[] = ['info.json', 'map.json', 'layout.txt', 'check.json', 'snapshots'];
+/**
+ * Read-ahead for the mount: libfuse 2 leaves the kernel's 128 KiB, and each read-ahead window is one
+ * FUSE round trip; 1 MiB windows made a cold sequential read of a 2 GiB image 1.55× faster here.
+ */
+export const DEFAULT_READAHEAD_BYTES = 1024 * 1024;
 /** libfuse 2's largest write request; without big_writes the kernel sends 4 KiB writes (DESIGN §3). */
 export const MAX_WRITE_BYTES = 131072;
 /** fuse-native passes the whole option string in a 1024-byte buffer. */
@@ -97,7 +105,7 @@ export function validateRawName(name: string): string {
 export function parseMountOptions(specs: readonly string[]): MountOptions {
   const options: MountOptions = {
     readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false,
-    name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1,
+    name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1, readaheadBytes: DEFAULT_READAHEAD_BYTES,
   };
   let directIo = false;
   let kernelCache = false;
@@ -136,6 +144,12 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
         case 'name': options.name = validateRawName(required()); break;
         case 'attr_timeout': options.attrTimeout = parseSeconds(key, required()); break;
         case 'entry_timeout': options.entryTimeout = parseSeconds(key, required()); break;
+        case 'readahead': {
+          const bytes = parseSize(required());
+          if (bytes % 1024 !== 0) throw invalid(`readahead must be a multiple of 1K, got ${bytes} bytes`);
+          options.readaheadBytes = bytes;
+          break;
+        }
         default: throw invalid(`unknown mount option '${key}'`);
       }
     }

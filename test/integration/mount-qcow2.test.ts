@@ -80,6 +80,14 @@ async function copySome(src: string, dst: string, budget: number): Promise<void>
   });
 }
 
+/** The kernel's read-ahead (KiB) on the filesystem holding `path`: its bdi is named after st_dev. */
+async function readaheadKiB(path: string): Promise<number> {
+  const dev = (await stat(path)).dev;
+  const major = Math.floor(dev / 256) % 4096;
+  const minor = (dev % 256) + Math.floor(dev / 1048576) * 256;
+  return Number((await readFile(`/sys/class/bdi/${major}:${minor}/read_ahead_kb`, 'utf8')).trim());
+}
+
 /** Tear down loop mounts and the FUSE mount a test left (safety net). */
 async function cleanup(f: Fixture, loops: string[] = []): Promise<void> {
   for (const loop of loops) await forceUnmount(loop);
@@ -106,6 +114,7 @@ describe.skipIf(!ready)('mounting qcow2 images', () => {
 
       await mount(f, image, ['ro']);
       const disk = join(f.mnt, 'disk.raw');
+      expect(await readaheadKiB(disk)).toBe(1024);
       await ok('cmp', [disk, reference]);
       expect((await e2fsckReadOnly(disk)).code).toBe(0);
       await mkdir(loop);
@@ -235,8 +244,9 @@ describe.skipIf(!ready)('mounting qcow2 images', () => {
       await ok('qemu-img', ['snapshot', '-c', 'first', image]);
       const snapshotRaw = join(f.dir, 'first.raw');
       await qemuImgConvertToRaw(image, snapshotRaw, { snapshot: 'first' });
-      await mount(f, image);
+      await mount(f, image, ['readahead=256K']);
       const file = (name: string) => join(f.mnt, name);
+      expect(await readaheadKiB(file('disk.raw'))).toBe(256);
       const info = await cli(['info', '--output=json', image], f.env);
       expect(await readFile(file('info.json'), 'utf8')).toBe(info.stdout);
       const map = await cli(['map', '--output=json', image], f.env);

@@ -30,14 +30,15 @@ describe('parseMountOptions', () => {
   it('has sensible defaults', () => {
     expect(parseMountOptions([])).toEqual({
       readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false, name: 'disk.raw', attrTimeout: 0, entryTimeout: 1,
+      readaheadBytes: 1024 * 1024,
     });
   });
 
   it('parses every option, across several -o lists', () => {
     expect(parseMountOptions(['ro,nogrow,cache=none', 'l2-cache-size=4M,refcount-cache-size=1M', 'allow_other,name=sda.img,kernel_cache',
-      'attr_timeout=2.5,entry_timeout=10'])).toEqual({
+      'attr_timeout=2.5,entry_timeout=10,readahead=4M'])).toEqual({
       readOnly: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', l2CacheBytes: 4 * 1024 ** 2,
-      refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10,
+      refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10, readaheadBytes: 4 * 1024 ** 2,
     });
     expect(parseMountOptions(['ro', 'rw']).readOnly).toBe(false);
   });
@@ -58,6 +59,7 @@ describe('parseMountOptions', () => {
     expect(code(() => parseMountOptions(['name=info.json']))).toMatch(/taken by an inspection file/);
     expect(code(() => parseMountOptions(['attr_timeout=-1']))).toMatch(/invalid attr_timeout/);
     expect(code(() => parseMountOptions(['l2-cache-size=lots']))).toMatch(/invalid size/);
+    expect(code(() => parseMountOptions(['readahead=1000']))).toMatch(/multiple of 1K/);
   });
 });
 

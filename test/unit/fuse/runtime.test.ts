@@ -14,8 +14,8 @@ describe('parseMountinfo', () => {
       '',
     ].join('\n');
     expect(parseMountinfo(text)).toEqual([
-      { mountId: 22, mountPoint: '/', fsType: 'ext4', source: '/dev/sda1' },
-      { mountId: 42, mountPoint: '/mnt/with space', fsType: 'fuse.qcow2fuse', source: '/img/a\\b.qcow2' },
+      { mountId: 22, device: '8:1', mountPoint: '/', fsType: 'ext4', source: '/dev/sda1' },
+      { mountId: 42, device: '0:39', mountPoint: '/mnt/with space', fsType: 'fuse.qcow2fuse', source: '/img/a\\b.qcow2' },
     ]);
   });
 });
