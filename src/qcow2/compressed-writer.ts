@@ -62,9 +62,11 @@ export interface CompressedWriterOptions {
   /** Partially covered clusters kept before the oldest is completed and submitted (default 256). */
   maxPartialClusters?: number;
   /**
-   * Most host clusters allocated at a time for packing chunks (default: 1 MiB worth, at least 2). A
-   * new area starts with 2 and doubles with each contiguous extension up to this, so an image whose
-   * chunks are tiny (a disk of one repeated byte) does not leave most of an area unused.
+   * Host clusters allocated at a time for packing chunks (default: 1 MiB worth, at least 2). Smaller
+   * areas (or areas growing from 2) were measured worse: freed gaps of a closed area then take the
+   * next small area, which breaks contiguity more often, and each break pads a partial cluster
+   * (+0.3% allocated on 4 concurrent writers). The price: a closed area's unused clusters stay as a
+   * hole inside the file (≈ 1 MiB on a disk of one repeated byte, whose data takes 0.7 MiB).
    */
   areaClusters?: number;
 }
@@ -146,8 +148,6 @@ export class CompressedWriter {
   private readonly maxPendingBytes: number;
   private readonly maxPartialClusters: number;
   private readonly areaClusters: number;
-  /** Clusters the next area allocation asks for (2, doubling while the area extends in place). */
-  private nextAreaClusters = 2;
   private readonly alignment: number;
   private readonly pending = new Map<number, PendingCluster>();
   private readonly inflight = new Map<number, InflightOp>();
@@ -322,15 +322,13 @@ export class CompressedWriter {
     // A cluster whose refcount (writer reference + chunks) could not take another chunk is skipped.
     if (current && current.nbChunks + 2 > this.host.maxRefcount) this.fillOffset = current.hostOffset + cs;
     if (this.area.length > 0 && this.fillOffset >= this.area[0].hostOffset && this.fillOffset + bytes <= this.areaEnd) return;
-    const need = Math.max(this.nextAreaClusters, Math.ceil(bytes / cs) + 1);
+    const need = Math.max(this.areaClusters, Math.ceil(bytes / cs) + 1);
     const hostOffset = await this.host.locked(() => this.host.allocClustersLocked(need));
     const fresh = Array.from({ length: need }, (_, i) => this.newHostCluster(hostOffset + i * cs));
     if (this.area.length > 0 && hostOffset === this.areaEnd && this.fillOffset >= this.area[0].hostOffset) {
       this.area.push(...fresh);
-      this.nextAreaClusters = Math.min(this.areaClusters, 2 * this.nextAreaClusters);
       return;
     }
-    this.nextAreaClusters = 2;
     // Not contiguous: the old area is closed (its partly filled cluster written, its empty ones released).
     await this.closeArea();
     this.area = fresh;
