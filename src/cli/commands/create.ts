@@ -2,6 +2,7 @@
  * `qcow2fuse create [-f qcow2] [-b BACKING [-F FMT]] [-o OPTIONS] [-q] IMAGE [SIZE]` — qemu-img create.
  */
 import { createImage, type CreateOptions, type Preallocation } from '../../qcow2/create.js';
+import { Qcow2Image } from '../../qcow2/image.js';
 import { parseArgs, parseBool, parseOptionList, parseSize } from '../args.js';
 
 export const summary = 'create a qcow2 image (qemu-img create options)';
@@ -70,9 +71,36 @@ export async function run(argv: string[]): Promise<number> {
   const { path, options, quiet } = parsed;
   await createImage(path, options);
   if (!quiet) {
-    const parts = [`Formatting '${path}', fmt=qcow2`];
-    if (options.virtualSize !== undefined) parts.push(`size=${options.virtualSize}`);
-    process.stdout.write(`${parts.join(' ')}\n`);
+    const virtualSize = options.virtualSize ?? await createdSize(path);
+    process.stdout.write(`${formattingLine(path, options, virtualSize)}\n`);
   }
   return 0;
+}
+
+/** The size of the image just created (taken from its backing file when none was given). */
+async function createdSize(path: string): Promise<number> {
+  const image = await Qcow2Image.open(path, { readOnly: true });
+  try {
+    return image.virtualSize;
+  } finally {
+    await image.close();
+  }
+}
+
+/**
+ * qemu-img create's report, option for option in its order: the options with defaults always, the
+ * others (preallocation, compat, backing file and format, data file) when they were given.
+ */
+export function formattingLine(path: string, o: CreateOptions, virtualSize: number): string {
+  const onOff = (v: boolean | undefined) => (v === true ? 'on' : 'off');
+  const parts = [`Formatting '${path}', fmt=qcow2`, `cluster_size=${o.clusterSize ?? 65536}`, `extended_l2=${onOff(o.extendedL2)}`];
+  if (o.preallocation !== undefined) parts.push(`preallocation=${o.preallocation}`);
+  parts.push(`compression_type=${o.compressionType ?? 'zlib'}`, `size=${virtualSize}`);
+  if (o.compat !== undefined) parts.push(`compat=${o.compat}`);
+  if (o.backingFile !== undefined) parts.push(`backing_file=${o.backingFile}`);
+  if (o.backingFormat !== undefined) parts.push(`backing_fmt=${o.backingFormat}`);
+  if (o.dataFile !== undefined) parts.push(`data_file=${o.dataFile}`);
+  if (o.dataFileRaw !== undefined) parts.push(`data_file_raw=${onOff(o.dataFileRaw)}`);
+  parts.push(`lazy_refcounts=${onOff(o.lazyRefcounts)}`, `refcount_bits=${o.refcountBits ?? 16}`);
+  return parts.join(' ');
 }

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { createImage, type CreateOptions } from '../../../src/qcow2/create.js';
-import { parseCreateArgs } from '../../../src/cli/commands/create.js';
+import { formattingLine, parseCreateArgs } from '../../../src/cli/commands/create.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { qemuImg, qemuImgCheck, qemuImgInfo, qemuIoOk } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
@@ -45,6 +45,23 @@ describe.skipIf(!hasQemu)('create', () => {
       expect((await qemuImgCheck(ours)).code).toBe(0);
     });
   }
+
+  it('prints qemu-img create\'s "Formatting" line, option for option', async () => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', tmp.file('base.qcow2'), '3M']);
+    const cases: { flags: string[]; size?: string }[] = [
+      { flags: [], size: '1000' }, { flags: ['-o', 'compat=0.10'], size: '1M' },
+      { flags: ['-o', 'compat=1.1,cluster_size=16k,refcount_bits=64,lazy_refcounts=on,extended_l2=on,compression_type=zstd'], size: '1G' },
+      { flags: ['-b', 'base.qcow2', '-F', 'qcow2'] }, { flags: ['-o', 'preallocation=metadata,data_file=x.data'], size: '1M' },
+      { flags: ['-o', 'data_file=y.data,data_file_raw=on'], size: '2M' },
+    ];
+    for (const { flags, size } of cases) {
+      const args = [...flags, 'img.qcow2', ...(size === undefined ? [] : [size])];
+      const theirs = await qemuImg(['create', '-f', 'qcow2', ...args], { cwd: tmp.path });
+      expect([args, theirs.code]).toEqual([args, 0]);
+      const { path, options } = parseCreateArgs(args);
+      expect(formattingLine(path, options, options.virtualSize ?? 3 * 1024 * 1024)).toBe(theirs.stdout.trim());
+    }
+  });
 
   it('creates an overlay on a backing file, sized like it', async () => {
     const base = join(tmp.path, 'base.qcow2');
