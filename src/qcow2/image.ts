@@ -311,8 +311,12 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     }
   }
 
+  /**
+   * The guest disk's size in bytes: the header's size rounded down to whole 512-byte sectors, as
+   * QEMU's block layer sees it (a header size of 1000 is a 512-byte disk to qemu-img and qemu-io).
+   */
   get virtualSize(): number {
-    return this.header.virtualSize;
+    return this.header.virtualSize - (this.header.virtualSize % 512);
   }
 
   get readOnly(): boolean {

@@ -1,8 +1,8 @@
 import { describe, expect, it } from 'vitest';
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
-import { qemuImg, qemuIoOk, qemuImgConvertToRaw } from '../../helpers/qemu.js';
+import { qemuImg, qemuImgConvertToRaw, qemuImgInfo, qemuIo, qemuIoOk } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
 import { requireTool } from '../../helpers/tools.js';
 
@@ -25,4 +25,26 @@ describe.skipIf(!hasQemu)('read path smoke', () => {
       expect(ours.equals(await readFile(raw))).toBe(true);
     });
   }
+
+  it('a header size that is not whole sectors is rounded down, as QEMU sees it', async () => {
+    const img = join(tmp.path, 'odd.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', img, '1M']);
+    await qemuIoOk(img, ['write -P 0x5c 0 4k']);
+    const size = Buffer.alloc(8);
+    size.writeBigUInt64BE(1000n);
+    const fh = await open(img, 'r+');
+    await fh.write(size, 0, 8, 24);
+    await fh.close();
+    const theirs = await qemuImgInfo(img);
+    const image = await Qcow2Image.open(img, { readOnly: true });
+    try {
+      expect(theirs['virtual-size']).toBe(512);
+      expect(image.virtualSize).toBe(512);
+      expect((await image.read(0, 512)).every((b) => b === 0x5c)).toBe(true);
+      await expect(image.read(512, 488)).rejects.toMatchObject({ code: 'ERANGE' });
+    } finally {
+      await image.close();
+    }
+    expect((await qemuIo(img, ['read 512 488'])).stdout).toContain('read failed');
+  });
 });
