@@ -148,6 +148,8 @@ export class CompressedWriter {
   private readonly maxPendingBytes: number;
   private readonly maxPartialClusters: number;
   private readonly areaClusters: number;
+  /** Host offsets of the clusters whose allocation reference the writer still holds (changed under the lock). */
+  private readonly heldClusters = new Set<number>();
   private readonly alignment: number;
   private readonly pending = new Map<number, PendingCluster>();
   private readonly inflight = new Map<number, InflightOp>();
@@ -189,6 +191,14 @@ export class CompressedWriter {
   private fail(err: unknown): void {
     trace('failure: %o', err);
     this.failure ??= err;
+  }
+
+  /**
+   * Host clusters whose refcount includes the writer's own reference, which no L2 entry holds (under
+   * the metadata lock). A check of the live image counts these, or they would look like leaks.
+   */
+  heldHostClusters(): number[] {
+    return [...this.heldClusters];
   }
 
   /** Accept a guest write. Resolves once the data is held (durable only after flush). */
@@ -323,7 +333,11 @@ export class CompressedWriter {
     if (current && current.nbChunks + 2 > this.host.maxRefcount) this.fillOffset = current.hostOffset + cs;
     if (this.area.length > 0 && this.fillOffset >= this.area[0].hostOffset && this.fillOffset + bytes <= this.areaEnd) return;
     const need = Math.max(this.areaClusters, Math.ceil(bytes / cs) + 1);
-    const hostOffset = await this.host.locked(() => this.host.allocClustersLocked(need));
+    const hostOffset = await this.host.locked(async () => {
+      const allocated = await this.host.allocClustersLocked(need);
+      for (let i = 0; i < need; i++) this.heldClusters.add(allocated + i * cs);
+      return allocated;
+    });
     const fresh = Array.from({ length: need }, (_, i) => this.newHostCluster(hostOffset + i * cs));
     if (this.area.length > 0 && hostOffset === this.areaEnd && this.fillOffset >= this.area[0].hostOffset) {
       this.area.push(...fresh);
@@ -350,6 +364,7 @@ export class CompressedWriter {
   private async dropWriterRefLocked(c: HostCluster): Promise<void> {
     if (!c.writerRef || !c.closed || c.nbLinked < c.nbChunks) return;
     c.writerRef = false;
+    this.heldClusters.delete(c.hostOffset);
     await this.host.updateRefcountLocked(c.hostOffset / this.g.clusterSize, -1);
   }
 

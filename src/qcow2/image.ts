@@ -997,6 +997,15 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     });
   }
 
+  /**
+   * Host clusters referenced by something other than the image's tables while it is open: the
+   * compressed writer's clusters still open for chunks (see CompressedWriter.heldHostClusters).
+   * Under the metadata lock.
+   */
+  heldHostClustersLocked(): number[] {
+    return this.compressedWriter?.heldHostClusters() ?? [];
+  }
+
   /** Bytes of host storage referenced by the image (clusters with a refcount), for st_blocks. */
   async allocatedBytes(): Promise<number> {
     return this.lock.run(async () => (await this.refcounts.countAllocatedClusters()) * this.geometry.clusterSize);

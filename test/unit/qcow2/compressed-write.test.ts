@@ -3,6 +3,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createImage } from '../../../src/qcow2/create.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
+import { checkImage } from '../../../src/qcow2/check.js';
 import { FaultyHostFile } from '../../../src/io/faulty-host-file.js';
 import { HostIoError } from '../../../src/io/errors.js';
 import type { HostFile, HostFileOpenOptions } from '../../../src/io/host-file.js';
@@ -129,6 +130,31 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
     } finally {
       process.off('warning', onWarning);
     }
+  });
+
+  it('a check of the live image counts the clusters the writer is still filling (no leaks), after flush and mid-write', async () => {
+    const img = join(tmp.path, 'live.qcow2');
+    const size = 8 * 1024 * 1024;
+    await createImage(img, { virtualSize: size });
+    const image = await Qcow2Image.open(img, { readOnly: false, compress: true });
+    try {
+      const model = Buffer.alloc(size);
+      for (let round = 0; round < 3; round++) {
+        // A few clusters: their chunks fill part of a host cluster, which stays open for more.
+        const data = patternBuffer(3 * 65536 + 5000, round, round * 400_000, 'compressible');
+        data.copy(model, round * 400_000);
+        await image.write(round * 400_000, data);
+        if (round !== 1) await image.flush();
+        const report = await checkImage(image);
+        expect({ round, corruptions: report.corruptions ?? 0, leaks: report.leaks ?? 0, errors: report['check-errors'] })
+          .toEqual({ round, corruptions: 0, leaks: 0, errors: 0 });
+        expect(report['compressed-clusters']).toBeGreaterThan(0);
+      }
+      expect((await image.read(0, size)).equals(model)).toBe(true);
+    } finally {
+      await image.close();
+    }
+    expect((await qemuImgCheck(img)).code).toBe(0);
   });
 
   it('rewriting compressed clusters frees the old chunks in batches, not with two fdatasyncs per cluster', async () => {
