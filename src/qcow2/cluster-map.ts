@@ -79,17 +79,12 @@ export interface ClusterWritePlan {
   hostKnownZero: boolean;
 }
 
-/** Overwritten entries collected before their storage is freed in one batch (see deferFree). */
-const MAX_DEFERRED_FREES = 512;
-
 export class ClusterMap {
   readonly ctx: ClusterMapContext;
   readonly l1: L1Table;
   private readonly g: Geometry;
   /** Only an image's active map may change tables. */
   readonly writable: boolean;
-  /** Overwritten entries whose storage is still referenced by its refcount (see deferFree). */
-  private deferredFrees: RawL2Entry[] = [];
 
   constructor(ctx: ClusterMapContext, l1: L1Table, writable: boolean) {
     this.ctx = ctx;
@@ -312,27 +307,6 @@ export class ClusterMap {
     await this.ctx.refcounts.freeClusters(hostOffset, bytes);
   }
 
-  /**
-   * Release an overwritten entry's storage later, with a batch of others. Dropping a refcount must
-   * wait for the L2 update that removed the reference (refcount cache depends on L2 cache), while the
-   * next allocation's L2 update waits for its refcount (L2 depends on refcounts): freeing at once
-   * after every overwrite would flush both caches — two fdatasyncs — per rewritten cluster. Until the
-   * batch goes, the old storage keeps its refcount: a crash leaks it, nothing can reuse it.
-   */
-  private async deferFree(e: RawL2Entry): Promise<void> {
-    this.deferredFrees.push(e);
-    if (this.deferredFrees.length >= MAX_DEFERRED_FREES) await this.releaseDeferredFrees();
-  }
-
-  /** Free the storage of every deferred entry (under the metadata lock; before a flush completes). */
-  async releaseDeferredFrees(): Promise<void> {
-    while (this.deferredFrees.length > 0) {
-      const batch = this.deferredFrees;
-      this.deferredFrees = [];
-      for (const e of batch) await this.freeEntry(e);
-    }
-  }
-
   /** Release whatever host storage an old L2 entry held (normal, preallocated zero, compressed). */
   async freeEntry(e: RawL2Entry): Promise<void> {
     if (isCompressed(e)) {
@@ -462,7 +436,7 @@ export class ClusterMap {
       await this.ctx.l2Cache.put(h);
     }
     if (plan.mode === 'alloc') {
-      for (const old of plan.oldEntries) await this.deferFree(old);
+      for (const old of plan.oldEntries) await this.freeEntry(old);
     }
   }
 
@@ -485,7 +459,7 @@ export class ClusterMap {
     } finally {
       await this.ctx.l2Cache.put(h);
     }
-    await this.deferFree(old);
+    await this.freeEntry(old);
   }
 
   /** Undo an allocation whose data write failed: the clusters were never linked. */

@@ -953,7 +953,6 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   private async flushLocked(): Promise<void> {
-    await this.activeMap.releaseDeferredFrees();
     await this.l2Cache.flush();
     await this.refcountCache.flush();
     await this.file.fdatasync();

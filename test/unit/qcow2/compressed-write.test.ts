@@ -4,7 +4,6 @@ import { join } from 'node:path';
 import { createImage } from '../../../src/qcow2/create.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { checkImage } from '../../../src/qcow2/check.js';
-import { FaultyHostFile } from '../../../src/io/faulty-host-file.js';
 import { HostIoError } from '../../../src/io/errors.js';
 import type { HostFile, HostFileOpenOptions } from '../../../src/io/host-file.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
@@ -155,34 +154,5 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
       await image.close();
     }
     expect((await qemuImgCheck(img)).code).toBe(0);
-  });
-
-  it('rewriting compressed clusters frees the old chunks in batches, not with two fdatasyncs per cluster', async () => {
-    const img = join(tmp.path, 'b.qcow2');
-    const size = 16 * 1024 * 1024;
-    const cs = 65536;
-    await createImage(img, { virtualSize: size });
-    const model = Buffer.alloc(size);
-    for (let round = 0; round < 2; round++) {
-      // Both of the image's handles (buffered, and O_DIRECT for compressed clusters) count their syncs.
-      const files: FaultyHostFile[] = [];
-      const counted = async (path: string, options: HostFileOpenOptions): Promise<FaultyHostFile> => {
-        files.push(await FaultyHostFile.wrap(await openNodeHostFile(path, options)));
-        return files[files.length - 1];
-      };
-      const file = await counted(img, { readOnly: false, direct: false, lock: true });
-      const image = await Qcow2Image.open(img, { readOnly: false, compress: true, file, openHostFile: counted });
-      for (let off = 0; off < size; off += cs) {
-        const data = patternBuffer(cs, round * 1000 + off / cs, off, 'compressible');
-        data.copy(model, off);
-        await image.write(off, data);
-      }
-      await image.close();
-      // 256 clusters: the first round allocates, the second overwrites every one. Before batching, the
-      // second round cost 2 fdatasyncs per cluster (refcount and L2 caches flushing each other).
-      expect(files.length).toBe(2);
-      expect(files.reduce((n, f) => n + f.stats.fdatasyncs, 0)).toBeLessThan(32);
-      await expectClean(img, model, tmp.path);
-    }
   });
 });
