@@ -17,12 +17,12 @@
  */
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it, onTestFailed } from 'vitest';
-import { HostIoError } from '../../src/io/errors.js';
 import { FaultyHostFile } from '../../src/io/faulty-host-file.js';
-import type { HostFile, WritePoint } from '../../src/io/host-file.js';
+import type { HostFile } from '../../src/io/host-file.js';
 import { MemoryHostFile } from '../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
 import { explainInterrupted, GuestModel, randomGuestRange, type GuestOp } from '../helpers/model.js';
+import { PowerSwitch } from '../helpers/power-switch.js';
 import { patternBuffer, Prng, seedFromEnv } from '../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate, type QemuOptionValue } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
@@ -32,46 +32,6 @@ const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
 const RUNS = Math.max(1, Number(process.env.COMPRESS_POWERCUT_RUNS ?? '6'));
 const OPS = 40;
-
-/**
- * One journaled file behind both of the image's handles; cuts the power just before the `cutAt`-th
- * pwrite or fdatasync through either. Closing is left to the test (the image closes both handles).
- */
-class PowerSwitch implements HostFile {
-  events = 0;
-  /**
-   * Set the moment the power goes, before the survivor is known: I/O racing with the cut (the
-   * writer's background writes) fails with "device lost power" while this is still pending.
-   */
-  cut: Promise<MemoryHostFile> | undefined;
-  constructor(readonly faulty: FaultyHostFile, private readonly cutAt: number) {}
-  get path(): string { return this.faulty.path; }
-  get readOnly(): boolean { return this.faulty.readOnly; }
-  get direct(): boolean { return this.faulty.direct; }
-  get dioAlignment(): number { return this.faulty.dioAlignment; }
-  private async event(operation: string): Promise<void> {
-    if (++this.events !== this.cutAt) return;
-    this.cut = this.faulty.powerCut();
-    await this.cut;
-    throw new HostIoError('EIO', this.path, operation, undefined, 'power cut');
-  }
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.faulty.pread(buf, hostOffset, point); }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
-    await this.event('pwrite');
-    await this.faulty.pwrite(buf, hostOffset, point);
-  }
-  async fdatasync(): Promise<void> {
-    await this.event('fdatasync');
-    await this.faulty.fdatasync();
-  }
-  size(): Promise<number> { return this.faulty.size(); }
-  truncate(bytes: number): Promise<void> { return this.faulty.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.faulty.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.faulty.dropCache(offset, length); }
-  close(): Promise<void> { return Promise.resolve(); }
-}
 
 type Step = GuestOp | { op: 'flush' };
 
@@ -122,7 +82,7 @@ interface RunResult {
 
 async function runWithCut(path: string, initial: Buffer, model0: GuestModel, steps: Step[], cutAt: number, seed: number, torn: boolean): Promise<RunResult> {
   const faulty = await FaultyHostFile.wrap(MemoryHostFile.from(initial), { journal: true, seed, keepProbability: new Prng(seed).float(), ...(torn ? { tornSectorBytes: 512 } : {}) });
-  const power = new PowerSwitch(faulty, cutAt);
+  const power = new PowerSwitch(faulty, cutAt, true);
   const image = await openCompressed(path, power);
   const model = model0.clone();
   let durable = model0.clone();

@@ -15,12 +15,11 @@
  */
 import { describe, expect, it, onTestFailed } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
-import { HostIoError } from '../../../src/io/errors.js';
 import { FaultyHostFile } from '../../../src/io/faulty-host-file.js';
-import type { HostFile, WritePoint } from '../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { explainInterrupted, GuestModel, randomGuestRange, type GuestOp } from '../../helpers/model.js';
+import { PowerSwitch } from '../../helpers/power-switch.js';
 import { patternBuffer, Prng, seedFromEnv } from '../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate, type QemuOptionValue } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
@@ -30,38 +29,6 @@ const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
 const RUNS = Math.max(1, Number(process.env.POWERCUT_RUNS ?? '6'));
 const OPS = 40;
-
-/** Forwards to a FaultyHostFile and cuts its power just before the `cutAt`-th pwrite or fdatasync. */
-class PowerSwitch implements HostFile {
-  events = 0;
-  survivor: MemoryHostFile | undefined;
-  constructor(readonly faulty: FaultyHostFile, private readonly cutAt: number) {}
-  get path(): string { return this.faulty.path; }
-  get readOnly(): boolean { return this.faulty.readOnly; }
-  get direct(): boolean { return this.faulty.direct; }
-  get dioAlignment(): number { return this.faulty.dioAlignment; }
-  private async event(operation: string): Promise<void> {
-    if (++this.events !== this.cutAt) return;
-    this.survivor = await this.faulty.powerCut();
-    throw new HostIoError('EIO', this.path, operation, undefined, 'power cut');
-  }
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.faulty.pread(buf, hostOffset, point); }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
-    await this.event('pwrite');
-    await this.faulty.pwrite(buf, hostOffset, point);
-  }
-  async fdatasync(): Promise<void> {
-    await this.event('fdatasync');
-    await this.faulty.fdatasync();
-  }
-  size(): Promise<number> { return this.faulty.size(); }
-  truncate(bytes: number): Promise<void> { return this.faulty.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.faulty.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.faulty.dropCache(offset, length); }
-  close(): Promise<void> { return this.faulty.close(); }
-}
 
 type Step = GuestOp | { op: 'flush' };
 
@@ -137,9 +104,9 @@ async function runWithCut(path: string, initial: Buffer, model0: GuestModel, ste
     try {
       await runStep(image, step);
     } catch (err) {
-      if (power.survivor === undefined) throw err;
+      if (power.cut === undefined) throw err;
       log.push(`  ^ power cut at I/O event ${cutAt}`);
-      return { cutDone: true, events: power.events, survivor: power.survivor, durable, tail, log };
+      return { cutDone: true, events: power.events, survivor: await power.cut, durable, tail, log };
     }
     if (step.op === 'flush') {
       durable = model.clone();
@@ -153,7 +120,7 @@ async function runWithCut(path: string, initial: Buffer, model0: GuestModel, ste
     return { cutDone: false, events: power.events, survivor: undefined, durable, tail, log };
   }
   log.push('  (power cut after the last step)');
-  return { cutDone: true, events: power.events, survivor: await faulty.powerCut(), durable, tail, log };
+  return { cutDone: true, events: power.events, survivor: await (power.cut ?? faulty.powerCut()), durable, tail, log };
 }
 
 describe.skipIf(!hasQemu)('power cut at a random point', () => {

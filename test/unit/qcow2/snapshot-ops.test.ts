@@ -9,13 +9,12 @@
 import { describe, expect, it, vi } from 'vitest';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { run as snapshotCommand } from '../../../src/cli/commands/snapshot.js';
-import { HostIoError } from '../../../src/io/errors.js';
 import { FaultyHostFile } from '../../../src/io/faulty-host-file.js';
-import type { HostFile, WritePoint } from '../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { applySnapshot, createSnapshot, deleteSnapshot } from '../../../src/qcow2/snapshot-ops.js';
 import { openSnapshotView } from '../../../src/qcow2/snapshot.js';
+import { PowerSwitch } from '../../helpers/power-switch.js';
 import { patternBuffer, Prng, seedFromEnv } from '../../helpers/patterns.js';
 import { qemuImg, qemuImgCheck, qemuImgCheckClean, qemuImgInfo, qemuIoOk, type ExecResult } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
@@ -415,38 +414,6 @@ describe.skipIf(!hasQemu)('snapshot -c/-d/-a/-l agree with qemu-img', () => {
   });
 });
 
-/** Forwards to a FaultyHostFile and cuts its power just before the `cutAt`-th pwrite or fdatasync. */
-class PowerSwitch implements HostFile {
-  events = 0;
-  survivor: MemoryHostFile | undefined;
-  constructor(readonly faulty: FaultyHostFile, private readonly cutAt: number) {}
-  get path(): string { return this.faulty.path; }
-  get readOnly(): boolean { return this.faulty.readOnly; }
-  get direct(): boolean { return this.faulty.direct; }
-  get dioAlignment(): number { return this.faulty.dioAlignment; }
-  private async event(operation: string): Promise<void> {
-    if (++this.events !== this.cutAt) return;
-    this.survivor = await this.faulty.powerCut();
-    throw new HostIoError('EIO', this.path, operation, undefined, 'power cut');
-  }
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.faulty.pread(buf, hostOffset, point); }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
-    await this.event('pwrite');
-    await this.faulty.pwrite(buf, hostOffset, point);
-  }
-  async fdatasync(): Promise<void> {
-    await this.event('fdatasync');
-    await this.faulty.fdatasync();
-  }
-  size(): Promise<number> { return this.faulty.size(); }
-  truncate(bytes: number): Promise<void> { return this.faulty.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.faulty.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.faulty.dropCache(offset, length); }
-  close(): Promise<void> { return this.faulty.close(); }
-}
-
 /**
  * What `qemu-img check` (no repair) says about a survivor, sorted into what a crash inside a
  * snapshot operation may leave — leaks, and COPIED flags not yet brought in line with refcounts in
@@ -513,8 +480,8 @@ describe.skipIf(!hasQemu)('power cut inside snapshot operations', () => {
           await step.op(image);
           await image.flush();
         } catch (err) {
-          if (power.survivor === undefined) throw err;
-          return { events: power.events, survivor: power.survivor, stepIndex };
+          if (power.cut === undefined) throw err;
+          return { events: power.events, survivor: await power.cut, stepIndex };
         }
       }
       const events = power.events;
