@@ -335,27 +335,35 @@ function withCopied(e: RawL2Entry, copied: boolean): RawL2Entry {
   return { ...e, hi: (copied ? e.hi | HI_COPIED : e.hi & ~HI_COPIED) >>> 0 };
 }
 
+/**
+ * Set COPIED on every entry of the L2 table at `l2Offset` to what `want` says (slice by slice through
+ * the L2 cache; only changed slices are marked dirty).
+ */
+async function setCopiedInL2(image: Qcow2Image, l2Offset: number, want: (e: RawL2Entry) => boolean | Promise<boolean>): Promise<void> {
+  const g = image.geometry;
+  for (let slice = 0; slice < g.l2Entries / g.l2SliceEntries; slice++) {
+    const h = await image.l2Cache.get(l2Offset + slice * g.l2SliceBytes);
+    try {
+      let changed = false;
+      for (let i = 0; i < g.l2SliceEntries; i++) {
+        const e = readL2Entry(h.buf, i, g);
+        const copied = await want(e);
+        if (isCopied(e) === copied) continue;
+        writeL2Entry(h.buf, i, g, withCopied(e, copied));
+        changed = true;
+      }
+      if (changed) image.l2Cache.markDirty(h);
+    } finally {
+      await image.l2Cache.put(h);
+    }
+  }
+}
+
 /** Clear COPIED in every entry of the L2 tables `map`'s L1 points to (after their refcounts were raised). */
 async function clearCopiedInL2(image: Qcow2Image, map: ClusterMap): Promise<void> {
-  const g = image.geometry;
   for (let l1Index = 0; l1Index < map.l1.entries; l1Index++) {
     const { l2Offset } = map.l2TableOffset(l1Index);
-    if (l2Offset === 0) continue;
-    for (let slice = 0; slice < g.l2Entries / g.l2SliceEntries; slice++) {
-      const h = await image.l2Cache.get(l2Offset + slice * g.l2SliceBytes);
-      try {
-        let changed = false;
-        for (let i = 0; i < g.l2SliceEntries; i++) {
-          const e = readL2Entry(h.buf, i, g);
-          if (!isCopied(e)) continue;
-          writeL2Entry(h.buf, i, g, withCopied(e, false));
-          changed = true;
-        }
-        if (changed) image.l2Cache.markDirty(h);
-      } finally {
-        await image.l2Cache.put(h);
-      }
-    }
+    if (l2Offset !== 0) await setCopiedInL2(image, l2Offset, () => false);
   }
 }
 
@@ -372,23 +380,10 @@ async function recomputeCopied(image: Qcow2Image): Promise<void> {
   for (let l1Index = 0; l1Index < active.entries; l1Index++) {
     const { l2Offset, copied } = image.activeMap.l2TableOffset(l1Index);
     if (l2Offset === 0) continue;
-    for (let slice = 0; slice < g.l2Entries / g.l2SliceEntries; slice++) {
-      const h = await image.l2Cache.get(l2Offset + slice * g.l2SliceBytes);
-      try {
-        let changed = false;
-        for (let i = 0; i < g.l2SliceEntries; i++) {
-          const e = readL2Entry(h.buf, i, g);
-          const kind = clusterKind(e, g, false);
-          const want = (kind === 'normal' || kind === 'zero-alloc') && await image.refcounts.getRefcount(g.clusterIndex(l2HostOffset(e))) === 1;
-          if (isCopied(e) === want) continue;
-          writeL2Entry(h.buf, i, g, withCopied(e, want));
-          changed = true;
-        }
-        if (changed) image.l2Cache.markDirty(h);
-      } finally {
-        await image.l2Cache.put(h);
-      }
-    }
+    await setCopiedInL2(image, l2Offset, async (e) => {
+      const kind = clusterKind(e, g, false);
+      return (kind === 'normal' || kind === 'zero-alloc') && await image.refcounts.getRefcount(g.clusterIndex(l2HostOffset(e))) === 1;
+    });
     const tableCopied = await image.refcounts.getRefcount(g.clusterIndex(l2Offset)) === 1;
     if (tableCopied !== copied) {
       encodeL1Entry(active.buf, l1Index, l2Offset, tableCopied);

@@ -9,7 +9,7 @@
  *
  * Kills: QCOW2FUSE_FIO_KILLS (default 10; the acceptance run uses 50). Randomness: TEST_SEED.
  */
-import { open, readdir, readFile, readlink } from 'node:fs/promises';
+import { readdir, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -23,6 +23,7 @@ import { tempDir } from '../helpers/tmp.js';
 import { requireFuse, requireTools } from '../helpers/tools.js';
 import { checkBuild } from '../integration/mount-harness.js';
 import { ourCheck } from './our-check.js';
+import { peek } from './poke.js';
 
 const ready = requireFuse() && requireTools('qemu-img', 'qemu-io', 'fio', 'dd');
 const KILLS = Number(process.env.QCOW2FUSE_FIO_KILLS ?? '10');
@@ -59,17 +60,6 @@ async function waitForOpen(writer: Started, path: string): Promise<boolean> {
     await sleep(2);
   }
   return false;
-}
-
-async function readAt(path: string, offset: number, bytes: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(bytes);
-    await fh.read(buf, 0, bytes, offset);
-    return buf;
-  } finally {
-    await fh.close();
-  }
 }
 
 describe.skipIf(!ready)('kill -9 of the daemon during a random-write workload', () => {
@@ -125,12 +115,12 @@ describe.skipIf(!ready)('kill -9 of the daemon during a random-write workload', 
 
         // Every durable write so far reads back.
         await qemuImgConvertToRaw(image, raw, { format: 'qcow2' });
-        expect([what, (await readAt(raw, 0, (round + 1) * SLICE_BYTES)).equals(await readAt(slices, 0, (round + 1) * SLICE_BYTES))]).toEqual([what, true]);
+        expect([what, (await peek(raw, 0, (round + 1) * SLICE_BYTES)).equals(await peek(slices, 0, (round + 1) * SLICE_BYTES))]).toEqual([what, true]);
         for (const { round: r, writes } of fioWrites) {
           const pattern = roundPattern(r);
           for (const [offset, bytes] of writes) {
             const expected = Buffer.alloc(bytes, pattern);
-            expect([what, `fio round ${r} write ${offset}+${bytes}`, (await readAt(raw, offset, bytes)).equals(expected)])
+            expect([what, `fio round ${r} write ${offset}+${bytes}`, (await peek(raw, offset, bytes)).equals(expected)])
               .toEqual([what, `fio round ${r} write ${offset}+${bytes}`, true]);
           }
         }

@@ -137,3 +137,23 @@ export async function e2fsckReadOnly(path: string): Promise<{ code: number; outp
   const result = await run(findTool('e2fsck') ?? 'e2fsck', ['-fn', path]);
   return { code: result.code, output: result.stdout + result.stderr };
 }
+
+/**
+ * Bring every file of `dir` to a state that reading cannot change: sync it and read it whole once.
+ * The host facts qemu-img and we report move otherwise — st_blocks ("actual-size") while delayed
+ * allocation is written back, and SEEK_HOLE, which counts cached pages of unwritten extents as data
+ * (pages each tool's own reads and the kernel's readahead bring in differently).
+ */
+export async function settleFiles(dir: string): Promise<void> {
+  for (const name of await readdir(dir)) {
+    const handle = await open(join(dir, name), 'r');
+    try {
+      if (!(await handle.stat()).isFile()) continue;
+      await handle.sync();
+      const buf = Buffer.allocUnsafe(1 << 20);
+      for (let pos = 0; ; pos += buf.length) if ((await handle.read(buf, 0, buf.length, pos)).bytesRead < buf.length) break;
+    } finally {
+      await handle.close();
+    }
+  }
+}

@@ -5,10 +5,10 @@
  * coded messages and exit code 1 on bad input.
  */
 import { describe, expect, it } from 'vitest';
-import { open, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { allocatedBytes, sha256File } from '../helpers/files.js';
+import { allocatedBytes, settleFiles, sha256File } from '../helpers/files.js';
 import { qemuImgCheck, qemuImgCompare, qemuIoOk, run, type ExecResult } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { requireTools } from '../helpers/tools.js';
@@ -26,24 +26,6 @@ async function checkBuild(): Promise<void> {
       if (built === undefined || built.mtimeMs < (await stat(join(root, dir, name))).mtimeMs) {
         throw new Error(`dist/${dir}/${name} is missing or stale: run \`npm run build\` first (npm test does)`);
       }
-    }
-  }
-}
-
-/**
- * Sync and read whole every file in `dir`, so that neither tool's reads change what the host reports
- * (st_blocks, SEEK_HOLE over cached unwritten extents) between qemu-img's run and ours.
- */
-async function settle(dir: string): Promise<void> {
-  for (const name of await readdir(dir)) {
-    const handle = await open(join(dir, name), 'r');
-    try {
-      if (!(await handle.stat()).isFile()) continue;
-      await handle.sync();
-      const buf = Buffer.allocUnsafe(1 << 20);
-      for (let pos = 0; ; pos += buf.length) if ((await handle.read(buf, 0, buf.length, pos)).bytesRead < buf.length) break;
-    } finally {
-      await handle.close();
     }
   }
 }
@@ -85,7 +67,7 @@ describe.skipIf(!ready)('CLI read commands (dist build)', () => {
     await checkBuild();
     await chain(tmp.path);
     await qemuOk(['create', '-q', '-f', 'qcow2', '-o', 'data_file=img.data,compat=1.1,lazy_refcounts=on', 'df.qcow2', '4M'], tmp.path);
-    await settle(tmp.path);
+    await settleFiles(tmp.path);
     for (const image of ['top.qcow2', 'mid.qcow2', join(tmp.path, 'top.qcow2'), 'df.qcow2']) {
       for (const output of [[], ['--output=json'], ['--output', 'human']]) {
         const args = ['info', ...output, image];
@@ -102,7 +84,7 @@ describe.skipIf(!ready)('CLI read commands (dist build)', () => {
     await chain(tmp.path);
     await qemuOk(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', 'pre.qcow2', '8M'], tmp.path);
     await qemuIoOk(join(tmp.path, 'pre.qcow2'), ['write -P 1 70000 3000']);
-    await settle(tmp.path);
+    await settleFiles(tmp.path);
     for (const [image, humanOk] of [['top.qcow2', false], ['mid.qcow2', true], ['pre.qcow2', true]] as const) {
       const json = ['map', '--output=json', image];
       const [theirs, mine] = [await qemu(json, tmp.path), await ours(json, tmp.path)];

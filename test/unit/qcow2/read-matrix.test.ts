@@ -8,7 +8,7 @@
  * by both tools alike.
  */
 import { describe, expect, it } from 'vitest';
-import { access, copyFile, open, readdir } from 'node:fs/promises';
+import { access, copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run as convert } from '../../../src/cli/commands/convert.js';
 import { run as ourCreate } from '../../../src/cli/commands/create.js';
@@ -18,7 +18,7 @@ import { nodeHostAllocationProbe } from '../../../src/io/host-allocation.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { imageInfo } from '../../../src/qcow2/info.js';
 import { mapEntries, mapJsonChunks } from '../../../src/qcow2/map.js';
-import { sha256File } from '../../helpers/files.js';
+import { settleFiles, sha256File } from '../../helpers/files.js';
 import { QemuError, qemuIo, qemuIoOk, run } from '../../helpers/qemu.js';
 import { useTempDir } from '../../helpers/tmp.js';
 import { requireTools } from '../../helpers/tools.js';
@@ -98,31 +98,9 @@ function contentCommands(c: Config, size: number, { compressed = true } = {}): s
   return cmds;
 }
 
-/**
- * Bring every file of the test directory (image, backing files, data file) to a state that reading
- * cannot change. The host facts qemu-img and we report move otherwise: st_blocks ("actual-size",
- * QEMU's metadata-preallocation guess) while delayed allocation is written back, and SEEK_HOLE, which
- * counts cached pages of unwritten extents as data — pages that a tool's own reads (and the kernel's
- * readahead around them, which differs with each tool's read pattern) bring in. Synced and read
- * whole once, every file answers both tools alike.
- */
-async function settle(dir: string): Promise<void> {
-  for (const name of await readdir(dir)) {
-    const handle = await open(join(dir, name), 'r');
-    try {
-      if (!(await handle.stat()).isFile()) continue;
-      await handle.sync();
-      const buf = Buffer.allocUnsafe(1 << 20);
-      for (let pos = 0; ; pos += buf.length) if ((await handle.read(buf, 0, buf.length, pos)).bytesRead < buf.length) break;
-    } finally {
-      await handle.close();
-    }
-  }
-}
-
 /** Our convert -O raw, info JSON and map JSON against qemu-img's, for one image. */
 async function expectSameAsQemu(image: string, dir: string, cwd?: string): Promise<void> {
-  await settle(dir);
+  await settleFiles(dir);
   const qemuMap = await qemuOk(['map', '--output=json', image], cwd);
   const qemuInfo = await qemuOk(['info', '--output=json', image], cwd);
   const probe = nodeHostAllocationProbe();
