@@ -19,6 +19,8 @@ export type WritePoint =
   | 'zero'        // zeroing or preallocation of a range
   | 'other';
 
+export type AioMode = 'threads' | 'native';
+
 export interface HostFileOpenOptions {
   /** Open read-only (no write permission, shared locks only). */
   readOnly: boolean;
@@ -29,6 +31,12 @@ export interface HostFileOpenOptions {
    * read locks sharing every permission (like `qemu-img -U`). Default true.
    */
   lock?: boolean;
+  /**
+   * How a direct handle's reads and writes reach the kernel, as QEMU's `aio=`: 'native' (Linux AIO,
+   * the whole queue at the device; the default) or 'threads' (libuv's threadpool). Buffered handles
+   * always use the threadpool (AIO on them is synchronous).
+   */
+  aio?: AioMode;
   /** Create the file when it does not exist (mode 0644 before umask); never truncates. Ignored when readOnly. */
   create?: boolean;
 }

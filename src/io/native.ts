@@ -48,9 +48,14 @@ interface NativeAddon {
   dioAlignment(fd: number): DioAlignment;
   compress(type: CompressionType, src: ArrayBufferView, maxOutBytes: number): Promise<Buffer | null>;
   decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void>;
+  aioCreate(capacity: number, outSlots: Int32Array, outResults: Float64Array, onComplete: (count: number) => void): AioHandle;
+  aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
   FALLOC: { DEFAULT: number; KEEP_SIZE: number; PUNCH_HOLE: number; ZERO_RANGE: number };
   FADVISE: { NORMAL: number; RANDOM: number; SEQUENTIAL: number; WILLNEED: number; DONTNEED: number; NOREUSE: number };
 }
+
+/** A Linux AIO context of the addon (opaque). */
+export type AioHandle = { readonly __brand: 'AioHandle' };
 
 const ADDON_FILE = 'qcow2fuse_native.node';
 
@@ -162,6 +167,26 @@ export function compress(type: CompressionType, src: ArrayBufferView, maxOutByte
  */
 export function decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void> {
   return addon.decompress(type, src, dst);
+}
+
+/**
+ * A Linux native AIO context on the event loop with `capacity` request slots. Completions are
+ * written into outSlots[i] (the slot) and outResults[i] (bytes transferred, or -errno) for
+ * i < count, then onComplete(count) is called; it must read them before returning. Throws the
+ * io_setup/eventfd error (ENOSYS, EAGAIN when fs.aio-max-nr is used up) when the kernel cannot.
+ */
+export function aioCreate(capacity: number, outSlots: Int32Array, outResults: Float64Array, onComplete: (count: number) => void): AioHandle {
+  return addon.aioCreate(capacity, outSlots, outResults, onComplete);
+}
+
+/**
+ * Queue a pread (write=false) or pwrite of all of `view` at `offset` on `fd` in free slot `slot`;
+ * the kernel gets it before the event loop next waits. fd must be open with O_DIRECT (AIO is
+ * synchronous otherwise) and view, offset and length aligned for it; view must stay alive and
+ * untouched until the slot's completion.
+ */
+export function aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void {
+  addon.aioSubmit(handle, slot, write, fd, view, offset);
 }
 
 /** True for an Error raised by a failed syscall in the addon (or Node's fs, which has the same shape). */

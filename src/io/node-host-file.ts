@@ -2,8 +2,10 @@
  * HostFile over a real file: Node's fs for I/O, the native addon for fallocate, fadvise, O_DIRECT
  * alignment and QEMU-compatible locks, fs-ext for flock.
  *
- * Buffered mode passes requests straight to pread/pwrite. Direct mode (O_DIRECT) sends a request
- * straight through when its memory, offset and length are aligned (the fast path), and otherwise goes
+ * Buffered mode passes requests straight to pread/pwrite on the threadpool. Direct mode (O_DIRECT)
+ * submits them through Linux AIO (aio.ts; the threadpool with `aio: 'threads'` or on a kernel
+ * without AIO). It sends a request straight through when its memory, offset and length are aligned
+ * (the fast path), and otherwise goes
  * through an aligned bounce buffer: reads read the covering aligned range and copy out; writes
  * read-modify-write the partial edge blocks. A write whose last partial block crosses the end of
  * file restores the exact size with ftruncate afterwards. Writes, fallocate and truncate on a direct
@@ -13,11 +15,12 @@
  * Every failure is a HostIoError carrying the errno name, path, operation and host offset; lock
  * conflicts are LockErrors (see locks.ts).
  */
-import { constants as fsConstants, read as fsRead, write as fsWrite } from 'node:fs';
+import { constants as fsConstants, read as fsRead, write as fsWrite, type Stats } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 
 import createDebug from 'debug';
 
+import { nativeAio, type AioEngine } from './aio.js';
 import { AlignedBufferPool, alignDown, alignUp, DEFAULT_ALIGNMENT_BYTES, isDirectIoReady } from './aligned-buffer.js';
 import { CodedError, HostIoError } from './errors.js';
 import type { HostFile, HostFileOpenOptions, WritePoint } from './host-file.js';
@@ -135,10 +138,25 @@ class NodeHostFile implements HostFile {
   private nbInflight = 0;
   private readonly idleWaiters: (() => void)[] = [];
   private readonly memAlignBytes: number;
+  /**
+   * Memory alignment a direct write needs to go straight through: at least the page size, since
+   * the filesystem serialises and waits for writes from memory less aligned than its block (see
+   * DEFAULT_ALIGNMENT_BYTES); a copy into an aligned bounce buffer is far cheaper.
+   */
+  private readonly writeMemAlignBytes: number;
   private readonly blockBytes: number;
   private readonly pool: AlignedBufferPool;
   private readonly ranges = new ByteRangeLock();
   private readonly locked: boolean;
+  /** Linux AIO for this direct handle's reads and writes; null: the threadpool. */
+  private readonly aio: AioEngine | null;
+  /**
+   * The AIO requests' own open file description (same file, no locks). A request in flight holds a
+   * reference to its description, and one completing after a kill -9 drops it from interrupt
+   * context, so the kernel closes that description a moment after the process is gone: were the
+   * locks on it, `qemu-img check` right after a crash would find the image still locked.
+   */
+  private readonly aioHandle: FileHandle | null;
   private closed = false;
   /**
    * Direct mode: the file size as this handle last established it (fstat at open, then every
@@ -146,7 +164,8 @@ class NodeHostFile implements HostFile {
    */
   private sizeHintBytes: number;
 
-  constructor(path: string, handle: FileHandle, readOnly: boolean, direct: boolean, locked: boolean, sizeBytes: number) {
+  constructor(path: string, handle: FileHandle, readOnly: boolean, direct: boolean, locked: boolean, sizeBytes: number,
+    aio: { engine: AioEngine; handle: FileHandle } | null) {
     this.path = path;
     this.handle = handle;
     this.fd = handle.fd;
@@ -154,8 +173,11 @@ class NodeHostFile implements HostFile {
     this.direct = direct;
     this.locked = locked;
     this.sizeHintBytes = sizeBytes;
+    this.aio = direct && aio ? aio.engine : null;
+    this.aioHandle = direct && aio ? aio.handle : null;
     const alignment = nativeDioAlignment(this.fd);
     this.memAlignBytes = direct ? alignment.memAlign : 1;
+    this.writeMemAlignBytes = direct ? Math.max(alignment.memAlign, DEFAULT_ALIGNMENT_BYTES) : 1;
     this.blockBytes = direct ? alignment.offsetAlign : 1;
     this.dioAlignment = direct ? Math.max(alignment.memAlign, alignment.offsetAlign) : 1;
     // Bounce buffers for unaligned direct I/O: enough small ones for a queue of 64 requests in flight
@@ -190,7 +212,9 @@ class NodeHostFile implements HostFile {
   private async readFully(view: Uint8Array, hostOffset: number): Promise<number> {
     let doneBytes = 0;
     while (doneBytes < view.length) {
-      const bytesRead = await this.track(preadOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
+      const bytesRead = await this.track(this.aio
+        ? this.aio.submit(false, this.aioHandle!.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
+        : preadOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
       if (bytesRead === 0) {
         break;
       }
@@ -206,7 +230,9 @@ class NodeHostFile implements HostFile {
   private async writeFully(view: Uint8Array, hostOffset: number): Promise<void> {
     let doneBytes = 0;
     while (doneBytes < view.length) {
-      const bytesWritten = await this.track(pwriteOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
+      const bytesWritten = await this.track(this.aio
+        ? this.aio.submit(true, this.aioHandle!.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
+        : pwriteOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
       if (bytesWritten === 0) {
         throw new HostIoError('EIO', this.path, 'pwrite', hostOffset + doneBytes, 'write made no progress');
       }
@@ -266,7 +292,7 @@ class NodeHostFile implements HostFile {
         await this.writeFully(buf, hostOffset);
         return;
       }
-      if (isDirectIoReady(buf, hostOffset, this.memAlignBytes, this.blockBytes)) {
+      if (isDirectIoReady(buf, hostOffset, this.writeMemAlignBytes, this.blockBytes)) {
         const release = await this.ranges.acquire(hostOffset, hostOffset + buf.length);
         try {
           await this.writeFully(buf, hostOffset);
@@ -459,12 +485,31 @@ class NodeHostFile implements HostFile {
       }
     }
     try {
+      await this.aioHandle?.close();
       await this.handle.close();
     } catch (error) {
       throw toHostIoError(error, this.path, 'close');
     }
     debug('closed %s', this.path);
   }
+}
+
+/**
+ * The second open of a direct file that its AIO requests use (see NodeHostFile.aioHandle); null
+ * (the threadpool then) when the path no longer names the same file or cannot be opened again.
+ */
+async function openAioHandle(path: string, flags: number, opened: Stats, engine: AioEngine): Promise<{ engine: AioEngine; handle: FileHandle } | null> {
+  let handle: FileHandle | undefined;
+  try {
+    handle = await open(path, flags);
+    const again = await handle.stat();
+    if (again.dev === opened.dev && again.ino === opened.ino) return { engine, handle };
+    debug('%s: replaced between opens, using the threadpool', path);
+  } catch (error) {
+    debug('%s: cannot open a second time for AIO, using the threadpool: %o', path, error);
+  }
+  await handle?.close().catch(() => undefined);
+  return null;
 }
 
 /**
@@ -486,6 +531,7 @@ export async function openNodeHostFile(path: string, options: HostFileOpenOption
   } catch (error) {
     throw toHostIoError(error, path, direct ? 'open (O_DIRECT)' : 'open');
   }
+  let aio: { engine: AioEngine; handle: FileHandle } | null = null;
   try {
     if (lock) {
       if (!readOnly) {
@@ -493,11 +539,15 @@ export async function openNodeHostFile(path: string, options: HostFileOpenOption
       }
       applyQemuLocks(handle.fd, path, readOnly ? QEMU_SHARED_READER : QEMU_WRITER);
     }
-    const file = new NodeHostFile(path, handle, readOnly, direct, lock, (await handle.stat()).size);
-    debug('opened %s %s%s%s, dio alignment %d', path, readOnly ? 'ro' : 'rw', direct ? ' O_DIRECT' : '',
+    const stat = await handle.stat();
+    const engine = direct && options.aio !== 'threads' ? nativeAio() : null;
+    aio = engine ? await openAioHandle(path, flags & ~fsConstants.O_CREAT, stat, engine) : null;
+    const file = new NodeHostFile(path, handle, readOnly, direct, lock, stat.size, aio);
+    debug('opened %s %s%s%s, dio alignment %d', path, readOnly ? 'ro' : 'rw', direct ? (aio ? ' O_DIRECT aio=native' : ' O_DIRECT aio=threads') : '',
       lock ? ' locked' : '', file.dioAlignment);
     return file;
   } catch (error) {
+    await aio?.handle.close().catch(() => undefined);
     await handle.close().catch(() => undefined);
     throw toHostIoError(error, path, 'open');
   }

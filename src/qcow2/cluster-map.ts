@@ -4,7 +4,9 @@
  *
  * Write ordering enforced here (DESIGN §4):
  * 1. guest data reaches the file before the L2 entry that points at it: after data is written to new
- *    clusters the L2 cache `dependsOnFlush()`, so the next L2 writeback fdatasyncs first;
+ *    clusters the L2 cache `dependsOnFlush()`, so the next L2 writeback fdatasyncs first. The one
+ *    exception is `linkZeroedBeforeData` (see there): clusters that read as zero on disk may be
+ *    linked first in place of entries that read as zero, since that exposes nothing but zeros;
  * 2. refcount increments are durable before L2/L1 references: the L2 cache `dependsOn(refcount cache)`
  *    whenever an entry referencing a newly allocated cluster is dirtied (skipped with lazy refcounts,
  *    where the dirty bit makes a crash trigger a repair instead); new L2 tables are flushed (with their
@@ -69,8 +71,12 @@ export interface ClusterWritePlan {
   /** Guest byte range of the request inside the run. */
   guestOffset: number;
   bytes: number;
-  /** 'direct': write in place, no metadata change; 'alloc': new host clusters then link; 'update': in place then link (subcluster bits). */
-  mode: 'direct' | 'alloc' | 'update';
+  /**
+   * 'direct': write in place, no metadata change; 'alloc': new host clusters then link; 'update': in
+   * place then link (subcluster bits); 'linked': new host clusters already linked under the lock
+   * (they read as zero, like the entries they replaced), only the data is left to write.
+   */
+  mode: 'direct' | 'alloc' | 'update' | 'linked';
   /** Host offset of the run's first cluster (contiguous run). */
   hostOffset: number;
   /** Old entries of the run (to free after linking, and COW sources). */
@@ -460,6 +466,30 @@ export class ClusterMap {
       await this.ctx.l2Cache.put(h);
     }
     await this.freeEntry(old);
+  }
+
+  /**
+   * Link an 'alloc' plan's new clusters before its data is written, when that is as safe as the
+   * usual order: the caller guarantees the new host clusters read as zero durably (preallocated
+   * with fallocate inside the file, never written since; the fdatasync that precedes any L2
+   * writeback persists the preallocation), and every old entry reads as zero (unallocated without a
+   * backing file, or a zero cluster), standard L2 only. A crash then shows zeros where the guest saw
+   * zeros, and a failed data write leaves the cluster allocated and zero — nothing to undo. The gain:
+   * other writes to the cluster go straight to it instead of waiting for the allocation (with 64
+   * sequential 4 KiB writes in flight, 15 of every 16 waited a device round trip).
+   * Returns whether it linked (the plan is then 'linked').
+   */
+  async linkZeroedBeforeData(plan: ClusterWritePlan): Promise<boolean> {
+    const g = this.g;
+    if (plan.mode !== 'alloc' || !plan.hostKnownZero || g.extendedL2 || this.ctx.hasDataFile) return false;
+    for (const e of plan.oldEntries) {
+      const kind = clusterKind(e, g, false);
+      if (kind !== 'zero-plain' && kind !== 'zero-alloc' && (kind !== 'unallocated' || this.ctx.hasBacking())) return false;
+    }
+    const newEntries = plan.oldEntries.map((_, i) => makeNormalEntry(plan.hostOffset + i * g.clusterSize, true));
+    await this.linkL2(plan, newEntries);
+    plan.mode = 'linked';
+    return true;
   }
 
   /** Undo an allocation whose data write failed: the clusters were never linked. */

@@ -28,7 +28,7 @@ import type { HostFile } from '../io/host-file.js';
 import { compressCluster, type CompressionType } from './compression.js';
 import type { Geometry } from './geometry.js';
 import { compressedClusterRange, decodeCompressed, makeCompressedEntry, type RawL2Entry } from './l2-entry.js';
-import { allocAligned } from '../io/aligned-buffer.js';
+import { allocAligned, DEFAULT_ALIGNMENT_BYTES } from '../io/aligned-buffer.js';
 
 const trace = debugFactory('qcow2fuse:compress');
 
@@ -168,7 +168,7 @@ export class CompressedWriter {
     this.maxPendingBytes = Math.max(options.maxPendingBytes ?? 64 * 1024 * 1024, 4 * this.g.clusterSize);
     this.maxPartialClusters = Math.min(options.maxPartialClusters ?? 256, Math.floor(this.maxPendingBytes / this.g.clusterSize / 2));
     this.areaClusters = Math.max(2, options.areaClusters ?? Math.floor((1024 * 1024) / this.g.clusterSize));
-    this.alignment = Math.max(host.directFile.dioAlignment, 512);
+    this.alignment = Math.max(host.directFile.dioAlignment, DEFAULT_ALIGNMENT_BYTES);
   }
 
   private get heldBytes(): number {

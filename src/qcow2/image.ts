@@ -8,9 +8,9 @@
  */
 import debugFactory from 'debug';
 import { AsyncLock } from './async-lock.js';
-import type { HostFile, HostFileOpener, HostFileOpenOptions, WritePoint } from '../io/host-file.js';
+import type { AioMode, HostFile, HostFileOpener, HostFileOpenOptions, WritePoint } from '../io/host-file.js';
 import { openNodeHostFile } from '../io/node-host-file.js';
-import { allocAligned } from '../io/aligned-buffer.js';
+import { allocAligned, DEFAULT_ALIGNMENT_BYTES } from '../io/aligned-buffer.js';
 import { BackingReader, openBacking } from './backing.js';
 import type { BlockDevice } from './block-device.js';
 import { ClusterMap, type ClusterWritePlan, type L1Table, type ReadSegment } from './cluster-map.js';
@@ -43,7 +43,7 @@ export type CacheMode = 'writeback' | 'none' | 'writethrough';
 
 /** A buffer for a write to `file`: aligned memory when the file is opened O_DIRECT. */
 function allocIoBuffer(file: HostFile, bytes: number): Buffer {
-  return file.direct ? allocAligned(bytes, Math.max(file.dioAlignment, 512)) : Buffer.allocUnsafe(bytes);
+  return file.direct ? allocAligned(bytes, Math.max(file.dioAlignment, DEFAULT_ALIGNMENT_BYTES)) : Buffer.allocUnsafe(bytes);
 }
 
 /** Preallocation ahead of the end of the image file (seed 002): up to 1 MiB, 16 clusters. */
@@ -53,6 +53,8 @@ export interface Qcow2OpenOptions {
   readOnly: boolean;
   /** Host I/O mode: writeback (default), none (O_DIRECT), writethrough (flush after every write). */
   cache?: CacheMode;
+  /** How O_DIRECT I/O reaches the kernel (QEMU's aio=): native (Linux AIO, default) or threads. */
+  aio?: AioMode;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
   /** Bytes of the decompressed-cluster LRU (default 16 MiB or 8 clusters, whichever is larger). */
@@ -124,6 +126,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   private firstWriteDone = false;
   private closed = false;
   private readonly preallocate: boolean;
+  private readonly aioMode: AioMode | undefined;
   /** The host filesystem refused fallocate(ZERO_RANGE): preallocation is skipped from then on. */
   private preallocUnsupported = false;
   /** Host ranges freed but not yet punched (see onClustersFreed). */
@@ -147,13 +150,14 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       if (end > this.highWaterBytes) this.highWaterBytes = end;
     };
     this.preallocate = options.preallocate ?? true;
+    this.aioMode = options.aio;
     this.compressionType = compressionTypeName(header.compressionType);
     const extendedL2 = hasBit(header.incompatibleFeatures, 4);
     this.geometry = new Geometry(header.clusterBits, header.refcountOrder, extendedL2, DEFAULT_L2_SLICE_BYTES);
     const g = this.geometry;
     this.metadata = new MetadataMap(g.clusterSize);
     this.metadata.add('header', 0, g.clusterSize);
-    const alignment = Math.max(file.dioAlignment, 512);
+    const alignment = Math.max(file.dioAlignment, DEFAULT_ALIGNMENT_BYTES);
     const allocBuffer = (bytes: number): Buffer => allocAligned(bytes, alignment);
     const defaultL2Bytes = Math.min(DEFAULT_L2_CACHE_MAX_BYTES, Math.max(g.l1EntriesFor(header.virtualSize) * g.clusterSize, 1));
     const l2Bytes = options.l2CacheBytes ?? defaultL2Bytes;
@@ -197,7 +201,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
    */
   static async open(path: string, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const opener = options.openHostFile ?? openNodeHostFile;
-    const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', lock: options.lock ?? true };
+    const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', aio: options.aio, lock: options.lock ?? true };
     const rawFile = options.file ?? await opener(path, fileOptions);
     const file = new SizeTrackingFile(rawFile, await rawFile.size());
     const cleanup: (() => Promise<void>)[] = [() => file.close()];
@@ -269,7 +273,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     const tracked = this.file as SizeTrackingFile;
     let direct: HostFile;
     try {
-      direct = await opener(this.path, { readOnly: false, direct: true, lock: false });
+      direct = await opener(this.path, { readOnly: false, direct: true, aio: this.aioMode, lock: false });
     } catch (err) {
       const message = err instanceof Error ? err.message : String(err);
       process.emitWarning(`qcow2fuse: ${this.path}: O_DIRECT refused (${message}); compressed data is written buffered and dropped from the page cache`);
@@ -452,6 +456,14 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     if (!Number.isSafeInteger(guestOffset) || !Number.isSafeInteger(bytes) || guestOffset < 0 || bytes < 0 || guestOffset + bytes > this.virtualSize) {
       throw new Qcow2RangeError(this.path, `request [${guestOffset}, +${bytes}) outside the virtual disk (${this.virtualSize} bytes)`, { guestOffset, bytes });
     }
+  }
+
+  /**
+   * A buffer for guest I/O of `bytes` that the data file takes without a copy (aligned memory when
+   * it is open O_DIRECT) — QEMU's qemu_blockalign.
+   */
+  allocIoBuffer(bytes: number): Buffer {
+    return allocIoBuffer(this.dataFile, bytes);
   }
 
   async read(guestOffset: number, bytes: number): Promise<Buffer> {
@@ -661,12 +673,16 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         const plans = await this.activeMap.planWrite(offset, src.length - done, (c, exclusive) => this.isGuestBusy(c, exclusive), () => this.highWaterBytes);
         if (plans.length === 0) return { waitFor: this.guestBusy.get(this.geometry.clusterIndex(offset))?.done, plans };
         for (const p of plans) {
-          this.markGuestBusy(p.firstCluster, p.nbClusters, p.mode !== 'direct');
           if (p.mode === 'alloc' && !this.hasDataFile) {
             const runEnd = p.hostOffset + p.nbClusters * this.geometry.clusterSize;
-            if (this.preallocate) await this.preallocateAhead(p.hostOffset, runEnd);
+            if (this.preallocate) {
+              await this.preallocateAhead(p.hostOffset, runEnd);
+              // Preallocated inside the file and never written: zero on disk, so it may be linked first.
+              if (!this.preallocUnsupported && runEnd <= (this.file as SizeTrackingFile).sizeBytes) await this.activeMap.linkZeroedBeforeData(p);
+            }
             this.highWaterBytes = Math.max(this.highWaterBytes, runEnd);
           }
+          this.markGuestBusy(p.firstCluster, p.nbClusters, p.mode !== 'direct' && p.mode !== 'linked');
         }
         return { waitFor: undefined, plans };
       });
@@ -684,13 +700,14 @@ export class Qcow2Image implements BlockDevice, BackingReader {
 
   /**
    * Write one planned run: data (with COW fill) outside the lock, then link under it. A failed data
-   * write releases the new clusters (never linked) and leaves the old mapping in place.
+   * write releases the new clusters (never linked) and leaves the old mapping in place. 'direct'
+   * and 'linked' runs only write their data (a 'linked' run's clusters read as zero meanwhile).
    */
   private async executePlan(plan: ClusterWritePlan, data: Buffer, dataFile: HostFile): Promise<void> {
     const g = this.geometry;
     const runStart = plan.firstCluster * g.clusterSize;
     try {
-      if (plan.mode === 'direct') {
+      if (plan.mode === 'direct' || plan.mode === 'linked') {
         // QEMU's pre-write overlap check: an entry pointing at live metadata must not get data written over it.
         this.activeMap.assertNoOverlap(plan.hostOffset + (plan.guestOffset - runStart), data.length, 'data');
         const range = this.hasDataFile ? undefined : this.addHostInflight(plan.hostOffset + (plan.guestOffset - runStart), data.length);

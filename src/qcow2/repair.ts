@@ -16,7 +16,7 @@
  * through the corruption funnel, as QEMU's pre-write overlap check does.
  */
 import type { HostFile } from '../io/host-file.js';
-import { allocAligned } from '../io/aligned-buffer.js';
+import { allocAligned, DEFAULT_ALIGNMENT_BYTES } from '../io/aligned-buffer.js';
 import { CodedError } from './errors.js';
 import { decodeHeader } from './header.js';
 import type { Qcow2Image } from './image.js';
@@ -309,7 +309,7 @@ export class StagingFile implements HostFile {
   private async load(index: number): Promise<Buffer> {
     const staged = this.pages.get(index);
     if (staged) return staged;
-    const page = allocAligned(this.pageBytes, Math.max(512, this.inner.dioAlignment));
+    const page = allocAligned(this.pageBytes, Math.max(DEFAULT_ALIGNMENT_BYTES, this.inner.dioAlignment));
     page.fill(0);
     const offset = index * this.pageBytes;
     if (offset < this.innerBytes && offset < this.sizeBytes) {

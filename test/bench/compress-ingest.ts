@@ -31,9 +31,10 @@
 import { readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
-  checkIngested, cpuSeconds, createEmptyImage, expectSuccess, IngestMount, MiB, openResidencyProbe, peakRssBytes, start, waitForExit,
+  checkIngested, cpuSeconds, createEmptyImage, expectSuccess, IngestMount, MiB, openResidencyProbe, peakRssBytes, start,
   writeOnesFile, type Codec,
 } from '../helpers/compress-ingest.js';
+import { waitForExit } from '../helpers/exec.js';
 import { run } from '../helpers/exec.js';
 import { makeExt4Image } from '../helpers/files.js';
 import { forceUnmount, waitForMount } from '../helpers/mount.js';

@@ -13,8 +13,8 @@ import { constants } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { processStartTime, readState } from '../../src/fuse/runtime.js';
-import { run, type ExecResult } from './exec.js';
+import { readState } from '../../src/fuse/runtime.js';
+import { run, waitForExit, type ExecResult } from './exec.js';
 import { findTool } from './tools.js';
 import { forceUnmount, isMounted, registerMount, unregisterMount } from './mount.js';
 import { qemuImg, qemuImgCheck, qemuImgCompare, type QemuImgCheckReport } from './qemu.js';
@@ -252,14 +252,6 @@ export class IngestMount {
   }
 }
 
-/** Resolves once process `pid` has exited (a zombie counts); rejects after timeoutMs. */
-export async function waitForExit(pid: number, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (processStartTime(pid) !== undefined) {
-    if (Date.now() > deadline) throw new Error(`process ${pid} still running after ${timeoutMs} ms`);
-    await sleep(20);
-  }
-}
 
 /** The file descriptor process `pid` has open on `path`, or undefined. */
 async function findFd(pid: number, path: string): Promise<number | undefined> {

@@ -3,7 +3,9 @@
  * and rejects only when the command cannot be started (e.g. ENOENT).
  */
 import { execFile } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { constants } from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export interface ExecResult {
   stdout: string;
@@ -42,4 +44,36 @@ export function run(command: string, args: readonly string[], options: RunOption
     });
     if (options.input !== undefined) child.stdin?.end(options.input);
   });
+}
+
+/**
+ * True while any thread of process `pid` has not exited. The leader of a multi-threaded process
+ * shows 'Z' as soon as it exits itself, while its other threads may still be tearing down; the
+ * process's files (and the file locks on them) are closed by the last thread to exit.
+ */
+export function anyThreadAlive(pid: number): boolean {
+  let threadIds: string[];
+  try {
+    threadIds = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return false;
+  }
+  return threadIds.some((tid) => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      const state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
+      return state !== 'Z' && state !== 'X';
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** Resolves once every thread of process `pid` has exited (a zombie counts); rejects after timeoutMs. */
+export async function waitForExit(pid: number, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (anyThreadAlive(pid)) {
+    if (Date.now() > deadline) throw new Error(`process ${pid} still running after ${timeoutMs} ms`);
+    await sleep(20);
+  }
 }

@@ -9,9 +9,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { run, type ExecResult, type RunOptions } from '../helpers/exec.js';
-import { processStartTime, readState } from '../../src/fuse/runtime.js';
+import { run, waitForExit, type ExecResult, type RunOptions } from '../helpers/exec.js';
+
+export { waitForExit };
+import { readState } from '../../src/fuse/runtime.js';
 
 const root = fileURLToPath(new URL('../../', import.meta.url));
 export const CLI = `${root}dist/src/cli/main.js`;
@@ -67,11 +68,3 @@ export async function daemonPid(mountpoint: string, runtimeDir: string): Promise
   return state.pid;
 }
 
-/** Resolves once process `pid` has exited (a zombie counts as exited); rejects after timeoutMs. */
-export async function waitForExit(pid: number, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (processStartTime(pid) !== undefined) {
-    if (Date.now() > deadline) throw new Error(`process ${pid} still running after ${timeoutMs} ms`);
-    await sleep(20);
-  }
-}

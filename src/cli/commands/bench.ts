@@ -1,10 +1,12 @@
 /**
  * `qcow2fuse bench` — qemu-img bench's workload on our driver, in-process:
  * `bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [-t none|writeback|writethrough]
- *        [-n] [--pattern=BYTE] [--no-prealloc] IMAGE`.
+ *        [-i threads|native] [-n] [--pattern=BYTE] [--no-prealloc] IMAGE`.
  * Requests go sequentially from OFFSET in steps of STEP (default SIZE), DEPTH of them in flight, like
- * qemu-img bench; writes send a zero-filled buffer unless --pattern. A flush ends a write run.
+ * qemu-img bench; writes send a zero-filled buffer unless --pattern, allocated as qemu-img bench does
+ * (aligned for O_DIRECT). A flush ends a write run. `-i` picks how O_DIRECT I/O is submitted (aio=).
  */
+import type { AioMode } from '../../io/host-file.js';
 import { Qcow2Image, type CacheMode } from '../../qcow2/image.js';
 import { parseArgs, parseSize } from '../args.js';
 
@@ -24,18 +26,22 @@ export interface BenchOptions {
   offset: number;
   write: boolean;
   cache: CacheMode;
+  aio?: AioMode;
   pattern?: number;
   preallocate: boolean;
 }
 
 /** Run the workload on `path`; the clock covers the requests and the final flush, not the open. */
 export async function runBench(path: string, o: BenchOptions): Promise<BenchResult> {
-  const image = await Qcow2Image.open(path, { readOnly: !o.write, cache: o.cache, preallocate: o.preallocate });
+  const image = await Qcow2Image.open(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate });
   try {
-    const buf = Buffer.alloc(o.requestBytes, o.pattern ?? 0);
+    // One buffer per request in flight, cut from one aligned allocation, as qemu-img bench does.
+    const depth = Math.min(o.depth, o.count);
+    const bufs = image.allocIoBuffer(depth * o.requestBytes).fill(o.pattern ?? 0);
     let next = 0;
     const start = process.hrtime.bigint();
-    const worker = async (): Promise<void> => {
+    const worker = async (workerIndex: number): Promise<void> => {
+      const buf = bufs.subarray(workerIndex * o.requestBytes, (workerIndex + 1) * o.requestBytes);
       while (next < o.count) {
         const i = next++;
         const offset = (o.offset + i * o.stepBytes) % Math.max(image.virtualSize - o.requestBytes + 1, 1);
@@ -43,7 +49,7 @@ export async function runBench(path: string, o: BenchOptions): Promise<BenchResu
         else await image.read(offset, o.requestBytes);
       }
     };
-    await Promise.all(Array.from({ length: Math.min(o.depth, o.count) }, worker));
+    await Promise.all(Array.from({ length: depth }, (_, workerIndex) => worker(workerIndex)));
     if (o.write) await image.flush();
     const seconds = Number(process.hrtime.bigint() - start) / 1e9;
     return { seconds, requests: o.count, bytes: o.count * o.requestBytes };
@@ -53,15 +59,20 @@ export async function runBench(path: string, o: BenchOptions): Promise<BenchResu
 }
 
 export async function run(argv: string[]): Promise<number> {
-  const { flags, positional } = parseArgs(argv, ['-c', '-d', '-s', '-S', '-o', '-t', '-f', '--pattern'], ['-w', '-n', '-q', '--no-prealloc']);
+  const { flags, positional } = parseArgs(argv, ['-c', '-d', '-s', '-S', '-o', '-t', '-i', '-f', '--pattern'], ['-w', '-n', '-q', '--no-prealloc']);
   const [path] = positional;
   if (path === undefined || positional.length !== 1) {
-    process.stderr.write('usage: qcow2fuse bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [-t none|writeback|writethrough] [--pattern=BYTE] [--no-prealloc] IMAGE\n');
+    process.stderr.write('usage: qcow2fuse bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [-t none|writeback|writethrough] [-i threads|native] [--pattern=BYTE] [--no-prealloc] IMAGE\n');
     return 1;
   }
   const cache = flags.get('-t') ?? 'writeback';
   if (cache !== 'none' && cache !== 'writeback' && cache !== 'writethrough') {
     process.stderr.write(`qcow2fuse bench: invalid cache mode '${cache}'\n`);
+    return 1;
+  }
+  const aio = flags.get('-i');
+  if (aio !== undefined && aio !== 'threads' && aio !== 'native') {
+    process.stderr.write(`qcow2fuse bench: invalid aio mode '${aio}' (threads or native)\n`);
     return 1;
   }
   const requestBytes = parseSize(flags.get('-s') ?? '4096');
@@ -73,6 +84,7 @@ export async function run(argv: string[]): Promise<number> {
     offset: parseSize(flags.get('-o') ?? '0'),
     write: flags.has('-w'),
     cache,
+    aio,
     pattern: flags.has('--pattern') ? Number(flags.get('--pattern')) : undefined,
     preallocate: !flags.has('--no-prealloc'),
   };

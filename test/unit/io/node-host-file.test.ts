@@ -14,7 +14,8 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { allocAligned } from '../../../src/io/aligned-buffer.js';
 import { HostIoError } from '../../../src/io/errors.js';
-import type { HostFile } from '../../../src/io/host-file.js';
+import { aioStats } from '../../../src/io/aio.js';
+import type { AioMode, HostFile } from '../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { dioAlignment } from '../../../src/io/native.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
@@ -87,9 +88,9 @@ function freshPath(): string {
   return join(dir, `file-${counter}.img`);
 }
 
-async function openFile(path: string, options: { readOnly?: boolean; direct?: boolean; create?: boolean } = {}): Promise<HostFile> {
+async function openFile(path: string, options: { readOnly?: boolean; direct?: boolean; create?: boolean; aio?: AioMode } = {}): Promise<HostFile> {
   const file = await openNodeHostFile(path, { readOnly: options.readOnly ?? false, direct: options.direct ?? false,
-    create: options.create ?? true });
+    create: options.create ?? true, aio: options.aio });
   opened.push(file);
   return file;
 }
@@ -222,10 +223,10 @@ describe('buffered NodeHostFile', () => {
   });
 });
 
-describe('O_DIRECT NodeHostFile', () => {
+describe.each(['native', 'threads'] as const)('O_DIRECT NodeHostFile (aio=%s)', (aio) => {
   it('uses the kernel DIO alignment and bypasses the page cache', async () => {
     const path = freshPath();
-    const file = await openFile(path, { direct: true });
+    const file = await openFile(path, { direct: true, aio });
     expect(file.direct).toBe(true);
     const fd = openSync(path, 'r');
     const reported = dioAlignment(fd);
@@ -242,9 +243,21 @@ describe('O_DIRECT NodeHostFile', () => {
     }
   });
 
+  it(`sends its reads and writes through ${aio === 'native' ? 'Linux AIO' : 'the threadpool'}`, async () => {
+    expect(aioStats().available).toBe(true);
+    const before = aioStats().submitted;
+    const file = await openFile(freshPath(), { direct: true, aio });
+    const data = allocAligned(64 * KiB).fill(5);
+    await Promise.all(Array.from({ length: 32 }, (_, i) => file.pwrite(data, i * 64 * KiB)));
+    const back = allocAligned(2 * MiB);
+    expect(await file.pread(back, 0)).toBe(2 * MiB);
+    expect(back.every((b) => b === 5)).toBe(true);
+    expect(aioStats().submitted - before).toBe(aio === 'native' ? 33 : 0);
+  });
+
   it('handles unaligned offsets, lengths and memory with exact sizes', async () => {
     const path = freshPath();
-    const file = await openFile(path, { direct: true });
+    const file = await openFile(path, { direct: true, aio });
     await file.pwrite(Buffer.from('hello'), 3);
     expect(await file.size()).toBe(8);
     const out = Buffer.alloc(8);
@@ -267,7 +280,7 @@ describe('O_DIRECT NodeHostFile', () => {
 
   it('keeps concurrent unaligned writes into the same blocks', async () => {
     const path = freshPath();
-    const file = await openFile(path, { direct: true });
+    const file = await openFile(path, { direct: true, aio });
     await file.pwrite(allocAligned(16 * KiB), 0);
     const writes: Promise<void>[] = [];
     for (let i = 0; i < 64; i++) {
@@ -289,7 +302,7 @@ describe('O_DIRECT NodeHostFile', () => {
 
   it('matches an in-memory model over random mixed operations', async () => {
     const path = freshPath();
-    const file = await openFile(path, { direct: true });
+    const file = await openFile(path, { direct: true, aio });
     const model = new MemoryHostFile();
     const next = rng(2024);
     const alignment = file.dioAlignment;
@@ -336,7 +349,7 @@ describe('O_DIRECT NodeHostFile', () => {
   it('opens read-only with O_DIRECT and reads unaligned ranges', async () => {
     const path = freshPath();
     writeFileSync(path, pattern(100_000, 9));
-    const file = await openFile(path, { direct: true, readOnly: true });
+    const file = await openFile(path, { direct: true, readOnly: true, aio });
     const out = Buffer.alloc(5000);
     expect(await file.pread(out, 33_333)).toBe(5000);
     expect(out.equals(pattern(100_000, 9).subarray(33_333, 38_333))).toBe(true);
