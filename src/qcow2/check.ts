@@ -47,6 +47,14 @@ export type CheckResult = CheckReport;
 export interface FixMode {
   leaks: boolean;
   errors: boolean;
+  /**
+   * Also compare the refcounts of clusters past the end of the file that existing refcount blocks
+   * describe (leaks there are fixed with `leaks`). qemu-img check compares only clusters inside the
+   * file; the repair of a dirty image uses this, because with lazy refcounts a crash can leave a
+   * refcount block written for a cluster whose write never extended the file — a leak no check
+   * sees until the file grows over it.
+   */
+  beyondEnd?: boolean;
 }
 
 /** QEMU's BdrvCheckResult. */
@@ -841,7 +849,13 @@ class Checker {
     const g = this.image.geometry;
     const cs = this.clusterSize;
     let highest = 0;
-    const nbClusters = this.refs.size;
+    let nbClusters = this.refs.size;
+    if (fix.beyondEnd === true) {
+      const table = this.image.refcounts.reftable;
+      let lastBlock = table.length - 1;
+      while (lastBlock >= 0 && table[lastBlock] === 0) lastBlock--;
+      nbClusters = Math.max(nbClusters, (lastBlock + 1) * g.refblockEntries);
+    }
     for (let ri = 0; ri * g.refblockEntries < nbClusters; ri++) {
       const block = await this.readRefblock(ri);
       const end = Math.min(nbClusters, (ri + 1) * g.refblockEntries);
@@ -1000,7 +1014,7 @@ class Checker {
     const rebuild = { needed: false };
     await this.calculateRefcounts(res, this.fix, rebuild);
     const preCompare = { ...res };
-    let highest = await this.compareRefcounts(res, NO_FIX, rebuild);
+    let highest = await this.compareRefcounts(res, { ...NO_FIX, beyondEnd: this.fix.beyondEnd }, rebuild);
     if (rebuild.needed && this.fix.errors) {
       const old = { ...res };
       let freshLeaks = 0;
@@ -1021,7 +1035,7 @@ class Checker {
       if (this.fix.leaks) {
         const saved = { ...res };
         Object.assign(res, zeroCounters());
-        highest = await this.compareRefcounts(res, { leaks: true, errors: false }, rebuild);
+        highest = await this.compareRefcounts(res, { leaks: true, errors: false, beyondEnd: this.fix.beyondEnd }, rebuild);
         if (rebuild.needed) this.log('ERROR rebuilt refcount structure is still broken');
         freshLeaks = res.leaks;
         Object.assign(res, saved);

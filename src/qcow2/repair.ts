@@ -405,7 +405,7 @@ export async function repairDirtyImage(image: Qcow2Image): Promise<void> {
   const twin = await Image.open(image.path, { readOnly: false, check: true, file: staging, lock: false }).catch((err: unknown) => fail(message(err), err));
   let repaired = false;
   try {
-    const result = await twin.lock.run(() => checkPassLocked(twin, { leaks: true, errors: true })).catch((err: unknown) => fail(message(err), err));
+    const result = await twin.lock.run(() => checkPassLocked(twin, { leaks: true, errors: true, beyondEnd: true })).catch((err: unknown) => fail(message(err), err));
     if (result.checkErrors > 0) fail(`${result.checkErrors} check errors`);
     if (twin.readOnly) fail('the repair met fatal corruption');
     await twin.close().catch((err: unknown) => fail(message(err), err));
