@@ -8,6 +8,8 @@
  *   direct_io | kernel_cache  how the kernel caches the mounted files (default: direct_io with compress,
  *                           else libfuse's default: cached while open, dropped on open)
  *   cache=writeback|none|writethrough   host I/O mode of the image file (none = O_DIRECT)
+ *   aio=native|threads      how O_DIRECT I/O is submitted (cache=none, and compress's direct writes):
+ *                           Linux AIO (default) or the threadpool — QEMU's aio= of the same names
  *   l2-cache-size=SIZE, refcount-cache-size=SIZE   table cache sizes (K/M/G/T suffixes, powers of 1024)
  *   allow_other             let other users access the mount (checked against the file modes)
  *   name=NAME               the raw file's name (default disk.raw)
@@ -20,6 +22,7 @@
  * Tracing: DEBUG=qcow2fuse:fuse traces every FUSE operation; DEBUG=qcow2fuse:libfuse adds libfuse's
  * own request log (its `debug` option).
  */
+import type { AioMode } from '../io/host-file.js';
 import { fsError } from './errno.js';
 
 export type HostCacheMode = 'writeback' | 'none' | 'writethrough';
@@ -33,6 +36,8 @@ export interface MountOptions {
   kernelCache: KernelCacheMode;
   /** Host I/O mode; undefined leaves the driver's default. */
   hostCache?: HostCacheMode;
+  /** How O_DIRECT I/O is submitted; undefined leaves the driver's default (native). */
+  aio?: AioMode;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
   allowOther: boolean;
@@ -50,6 +55,7 @@ export interface MountOptions {
 export interface DeviceOpenOptions {
   readOnly: boolean;
   cache?: HostCacheMode;
+  aio?: AioMode;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
   compress?: boolean;
@@ -139,6 +145,12 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
           options.hostCache = mode;
           break;
         }
+        case 'aio': {
+          const mode = required();
+          if (mode !== 'native' && mode !== 'threads') throw invalid(`invalid aio mode '${mode}' (expected native or threads)`);
+          options.aio = mode;
+          break;
+        }
         case 'l2-cache-size': options.l2CacheBytes = parseSize(required()); break;
         case 'refcount-cache-size': options.refcountCacheBytes = parseSize(required()); break;
         case 'name': options.name = validateRawName(required()); break;
@@ -163,6 +175,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
 export function deviceOpenOptions(options: MountOptions): DeviceOpenOptions {
   const open: DeviceOpenOptions = { readOnly: options.readOnly };
   if (options.hostCache !== undefined) open.cache = options.hostCache;
+  if (options.aio !== undefined) open.aio = options.aio;
   if (options.l2CacheBytes !== undefined) open.l2CacheBytes = options.l2CacheBytes;
   if (options.refcountCacheBytes !== undefined) open.refcountCacheBytes = options.refcountCacheBytes;
   if (options.compress) open.compress = true;

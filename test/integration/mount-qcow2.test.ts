@@ -217,12 +217,14 @@ describe.skipIf(!ready)('mounting qcow2 images', () => {
     }
   });
 
-  it.each(['libaio', 'psync'])('fio --verify=crc32c randrw, 4 jobs, bs 4k-128k, %s; the image checks clean', async (engine) => {
+  it.each([
+    ['libaio', []], ['psync', []], ['libaio', ['cache=none']], ['libaio', ['cache=none', 'aio=threads']],
+  ] as const)('fio --verify=crc32c randrw, 4 jobs, bs 4k-128k, %s, mount -o %j; the image checks clean', async (engine, options) => {
     const f = await fixture();
     try {
       const image = join(f.dir, 'fio.qcow2');
       await qemuImgCreate(image, '64M');
-      await mount(f, image);
+      await mount(f, image, [...options]);
       await ok('fio', ['--name=verify', `--filename=${join(f.mnt, 'disk.raw')}`, '--rw=randrw', '--bsrange=4k-128k', `--ioengine=${engine}`,
         '--iodepth=8', '--direct=1', '--numjobs=4', '--size=16M', '--offset_increment=16M', '--verify=crc32c', '--verify_fatal=1',
         '--do_verify=1', '--verify_state_save=0', '--group_reporting']);

@@ -35,9 +35,9 @@ describe('parseMountOptions', () => {
   });
 
   it('parses every option, across several -o lists', () => {
-    expect(parseMountOptions(['ro,nogrow,cache=none', 'l2-cache-size=4M,refcount-cache-size=1M', 'allow_other,name=sda.img,kernel_cache',
+    expect(parseMountOptions(['ro,nogrow,cache=none,aio=threads', 'l2-cache-size=4M,refcount-cache-size=1M', 'allow_other,name=sda.img,kernel_cache',
       'attr_timeout=2.5,entry_timeout=10,readahead=4M'])).toEqual({
-      readOnly: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', l2CacheBytes: 4 * 1024 ** 2,
+      readOnly: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', aio: 'threads', l2CacheBytes: 4 * 1024 ** 2,
       refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10, readaheadBytes: 4 * 1024 ** 2,
     });
     expect(parseMountOptions(['ro', 'rw']).readOnly).toBe(false);
@@ -53,6 +53,7 @@ describe('parseMountOptions', () => {
   it('refuses unknown options, bad values and bad names', () => {
     expect(code(() => parseMountOptions(['bogus']))).toBe("EINVAL: unknown mount option 'bogus'");
     expect(code(() => parseMountOptions(['cache=fast']))).toMatch(/^EINVAL: invalid cache mode/);
+    expect(code(() => parseMountOptions(['aio=io_uring']))).toMatch(/^EINVAL: invalid aio mode/);
     expect(code(() => parseMountOptions(['ro=1']))).toMatch(/takes no value/);
     expect(code(() => parseMountOptions(['name=']))).toMatch(/needs a value/);
     expect(code(() => parseMountOptions(['name=a/b']))).toMatch(/invalid name/);
@@ -66,8 +67,8 @@ describe('parseMountOptions', () => {
 describe('what the options turn into', () => {
   it('device open options carry only what was set', () => {
     expect(deviceOpenOptions(parseMountOptions([]))).toEqual({ readOnly: false });
-    expect(deviceOpenOptions(parseMountOptions(['ro,compress,cache=writethrough,l2-cache-size=1M,refcount-cache-size=256K']))).toEqual({
-      readOnly: true, compress: true, cache: 'writethrough', l2CacheBytes: 1024 ** 2, refcountCacheBytes: 256 * 1024,
+    expect(deviceOpenOptions(parseMountOptions(['ro,compress,cache=writethrough,aio=threads,l2-cache-size=1M,refcount-cache-size=256K']))).toEqual({
+      readOnly: true, compress: true, cache: 'writethrough', aio: 'threads', l2CacheBytes: 1024 ** 2, refcountCacheBytes: 256 * 1024,
     });
   });
 
