@@ -228,10 +228,15 @@ class NodeHostFile implements HostFile {
 
   /** Write all of `view` at hostOffset (retrying short writes). */
   private async writeFully(view: Uint8Array, hostOffset: number): Promise<void> {
+    // A direct write past the end of file is synchronous in the kernel (ext4 and XFS wait for it
+    // inside io_submit, under the exclusive inode lock): it would stall the event loop, so it goes to
+    // the threadpool. Measured on the compressed writer, whose packing areas grow the file: cp of a
+    // 1.5 GiB ext4 image into a zstd mount 7.8–9.1 s through AIO, 6.8–7.5 s through the threadpool.
+    const viaAio = this.aio !== null && hostOffset + view.length <= this.sizeHintBytes;
     let doneBytes = 0;
     while (doneBytes < view.length) {
-      const bytesWritten = await this.track(this.aio
-        ? this.aio.submit(true, this.aioHandle!.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
+      const bytesWritten = await this.track(viaAio
+        ? this.aio!.submit(true, this.aioHandle!.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
         : pwriteOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
       if (bytesWritten === 0) {
         throw new HostIoError('EIO', this.path, 'pwrite', hostOffset + doneBytes, 'write made no progress');
