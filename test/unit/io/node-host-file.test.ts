@@ -221,6 +221,37 @@ describe('buffered NodeHostFile', () => {
       spawnSync('umount', [mountPoint]);
     }
   });
+
+  it.skipIf(!isRoot)('reports a full filesystem as ENOSPC through Linux AIO too (direct writes into holes)', async () => {
+    const fsImage = join(dir, 'small-ext4.img');
+    const mountPoint = join(dir, 'small-ext4');
+    mkdirSync(mountPoint);
+    writeFileSync(fsImage, Buffer.alloc(0));
+    expect(spawnSync('truncate', ['-s', '8M', fsImage]).status).toBe(0);
+    expect(spawnSync('mke2fs', ['-q', '-t', 'ext4', '-F', fsImage]).status).toBe(0);
+    expect(spawnSync('mount', ['-o', 'loop', fsImage, mountPoint]).status).toBe(0);
+    try {
+      const path = join(mountPoint, 'full.img');
+      const file = await openNodeHostFile(path, { readOnly: false, create: true, direct: true, aio: 'native' });
+      try {
+        await file.truncate(64 * MiB); // a sparse file far bigger than the filesystem: writes stay inside it, so they go through AIO
+        const before = aioStats().submitted;
+        const block = allocAligned(MiB).fill(3);
+        let failure: unknown;
+        for (let i = 0; i < 64 && failure === undefined; i++) failure = await file.pwrite(block, i * MiB).then(() => undefined, (error: unknown) => error);
+        expect(aioStats().submitted - before).toBeGreaterThan(1);
+        expect(failure).toBeInstanceOf(HostIoError);
+        expect(failure).toMatchObject({ code: 'ENOSPC', details: { path, operation: 'pwrite' } });
+        const back = allocAligned(MiB);
+        expect(await file.pread(back, 0)).toBe(MiB);
+        expect(back.every((b) => b === 3)).toBe(true);
+      } finally {
+        await file.close();
+      }
+    } finally {
+      spawnSync('umount', [mountPoint]);
+    }
+  });
 });
 
 describe.each(['native', 'threads'] as const)('O_DIRECT NodeHostFile (aio=%s)', (aio) => {
