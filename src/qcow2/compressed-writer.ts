@@ -159,6 +159,8 @@ export class CompressedWriter {
   private fillOffset = 0;
   private placeChain: Promise<void> = Promise.resolve();
   private spaceWaiters: (() => void)[] = [];
+  /** Writes of clusters the fill has passed, started by place() (see there). */
+  private readonly closedWrites = new Set<Promise<void>>();
   private changeWaiters: (() => void)[] = [];
   private failure: unknown;
 
@@ -386,12 +388,16 @@ export class CompressedWriter {
       c.waiters.push(chunk);
     }
     this.fillOffset = hostOffset + data.length;
-    // Clusters the fill has passed are complete: close them, write each once, and let them go.
+    // Clusters the fill has passed are complete: close them, write each once, and let them go. The
+    // write (and the writer reference it drops) is tracked: flush and close wait for it, or it could
+    // land after the image's last flush — a refcount one too high, a leak on disk.
     while (this.area.length > 0 && this.area[0].hostOffset + cs <= this.fillOffset) {
       const c = this.area.shift()!;
       c.closed = true;
       c.fillBytes = cs;
-      this.writeHostCluster(c).catch((err: unknown) => this.fail(err));
+      const write = this.writeHostCluster(c).catch((err: unknown) => this.fail(err));
+      this.closedWrites.add(write);
+      void write.finally(() => this.closedWrites.delete(write));
     }
     this.notify();
   }
@@ -488,13 +494,13 @@ export class CompressedWriter {
       await Promise.all([...this.pending.values()].filter((p) => p.coverage).map((p) => this.completePartial(p)));
       for (const c of [...this.pending.keys()]) this.startIfIdle(c);
       await this.placeChain;
-      await Promise.all(this.area.filter((c) => c.fillBytes > c.writtenBytes).map((c) => this.writeHostCluster(c)));
-      if (this.inflight.size === 0 && this.pending.size === 0) break;
+      await Promise.all([...this.area.filter((c) => c.fillBytes > c.writtenBytes).map((c) => this.writeHostCluster(c)), ...this.closedWrites]);
+      if (this.inflight.size === 0 && this.pending.size === 0 && this.closedWrites.size === 0) break;
       // Chunks placed or clusters written while we were writing: go round again rather than wait for
       // a change that came. A cluster whose newer version waits behind its in-flight older one starts
       // only when that one finishes: wait for it (going round would spin without ever yielding).
       const startable = [...this.pending.values()].some((p) => p.coverage !== undefined || !this.inflight.has(p.clusterIndex));
-      if (startable || this.area.some((c) => c.fillBytes > c.writtenBytes)) continue;
+      if (startable || this.closedWrites.size > 0 || this.area.some((c) => c.fillBytes > c.writtenBytes)) continue;
       await new Promise<void>((r) => this.changeWaiters.push(r));
     }
     await this.releaseEmpty();

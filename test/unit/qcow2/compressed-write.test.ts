@@ -131,6 +131,58 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
     }
   });
 
+  it('close waits for the rewrite of a host cluster the fill has passed (and the writer reference it drops)', async () => {
+    // refcount_bits=2: a host cluster takes two chunks (writer reference + 2 = 3). A flush writes the
+    // first cluster with its two chunks and links them; the third chunk skips it, which closes it and
+    // writes it again, whole, in the background — the write held here until close has begun.
+    const img = join(tmp.path, 'closed-write.qcow2');
+    const size = 8 * 1024 * 1024;
+    await createImage(img, { virtualSize: size, refcountBits: 2 });
+    const seen = new Set<number>();
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => { release = resolve; });
+    let armed = false;
+    let holding = false;
+    const opener = async (path: string, options: HostFileOpenOptions): Promise<HostFile> => {
+      const file = await openNodeHostFile(path, options);
+      if (!options.direct) return file;
+      const pwrite = file.pwrite.bind(file);
+      file.pwrite = async (buf, hostOffset, point) => {
+        if (point === 'compressed' && armed && seen.has(hostOffset) && !holding) {
+          holding = true;
+          await held;
+        }
+        if (!armed) seen.add(hostOffset);
+        await pwrite(buf, hostOffset, point);
+      };
+      return file;
+    };
+    const image = await Qcow2Image.open(img, { readOnly: false, compress: true, openHostFile: opener, compressedWriter: { areaClusters: 2 } });
+    const model = Buffer.alloc(size);
+    const cluster = (i: number): Buffer => {
+      const data = patternBuffer(65536, 5, i * 65536, 'compressible');
+      data.copy(model, i * 65536);
+      return data;
+    };
+    // The L2 table first, so the areas (2 clusters each) follow one another on the host.
+    await image.writeZeroes(4 * 1024 * 1024, 65536);
+    await image.write(0, cluster(0));
+    await image.write(65536, cluster(1));
+    await image.flush();
+    armed = true;
+    await image.write(2 * 65536, cluster(2));
+    await image.write(3 * 65536, cluster(3));
+    for (let i = 0; i < 2000 && !holding; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(holding).toBe(true);
+    let closed = false;
+    const closing = image.close().then(() => { closed = true; });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(closed).toBe(false);
+    release();
+    await closing;
+    await expectClean(img, model, tmp.path);
+  });
+
   it('a check of the live image counts the clusters the writer is still filling (no leaks), after flush and mid-write', async () => {
     const img = join(tmp.path, 'live.qcow2');
     const size = 8 * 1024 * 1024;
