@@ -1209,6 +1209,9 @@ export async function checkImage(image: Qcow2Image, options: CheckOptions = {}):
   }
   const log = options.onMessage;
   return image.lock.run(async () => {
+    // A live image may hold overwritten entries whose storage it frees in batches: free them now,
+    // or their still-counted references would show as leaks.
+    if (!image.readOnly) await image.activeMap.releaseDeferredFrees();
     let counters = await checkPassLocked(image, fix, log, options.onProgress);
     if (counters.corruptionsFixed !== 0 || counters.leaksFixed !== 0) {
       const { corruptionsFixed, leaksFixed } = counters;

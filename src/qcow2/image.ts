@@ -955,6 +955,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
           waitFor = busy.value.done;
           return undefined;
         }
+        // Refcounts exact before the tables are rewritten (overwritten entries are freed in batches).
+        await this.activeMap.releaseDeferredFrees();
         return { value: await fn() };
       });
       if (result) return result.value;
@@ -970,6 +972,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   private async flushLocked(): Promise<void> {
+    await this.activeMap.releaseDeferredFrees();
     await this.l2Cache.flush();
     await this.refcountCache.flush();
     await this.file.fdatasync();
