@@ -849,13 +849,7 @@ class Checker {
     const g = this.image.geometry;
     const cs = this.clusterSize;
     let highest = 0;
-    let nbClusters = this.refs.size;
-    if (fix.beyondEnd === true) {
-      const table = this.image.refcounts.reftable;
-      let lastBlock = table.length - 1;
-      while (lastBlock >= 0 && table[lastBlock] === 0) lastBlock--;
-      nbClusters = Math.max(nbClusters, (lastBlock + 1) * g.refblockEntries);
-    }
+    const nbClusters = this.refs.size;
     for (let ri = 0; ri * g.refblockEntries < nbClusters; ri++) {
       const block = await this.readRefblock(ri);
       const end = Math.min(nbClusters, (ri + 1) * g.refblockEntries);
@@ -891,6 +885,44 @@ class Checker {
         }
       }
       this.progress(1);
+    }
+    if (fix.beyondEnd === true) highest = Math.max(highest, await this.compareBeyondEnd(res, fix, nbClusters));
+    return highest;
+  }
+
+  /**
+   * FixMode.beyondEnd: clusters from `fromCluster` on (past the file and every reference) that a
+   * refcount block still counts are leaks. Only blocks that are sound — inside the file and counted
+   * exactly once, as the refcount block they are — are read: a damaged table entry must not make the
+   * repair read (or fix) arbitrary clusters as refcounts, nor scan terabytes of them.
+   */
+  private async compareBeyondEnd(res: CheckCounters, fix: FixMode, fromCluster: number): Promise<number> {
+    const g = this.image.geometry;
+    const cs = this.clusterSize;
+    const table = this.image.refcounts.reftable;
+    const fileClusters = Math.ceil(this.fileBytes / cs);
+    let highest = 0;
+    for (let ri = Math.floor(fromCluster / g.refblockEntries); ri < table.length; ri++) {
+      const offset = table[ri];
+      if (offset <= 0 || offset % cs !== 0 || offset / cs >= fileClusters || this.refs.get(offset / cs) !== 1) continue;
+      const block = await this.readRefblock(ri);
+      if (block === undefined || block === 'error') continue;
+      for (let i = Math.max(fromCluster, ri * g.refblockEntries); i < (ri + 1) * g.refblockEntries; i++) {
+        const onDisk = getRefcount(block, g.refblockIndex(i), g.refcountOrder);
+        if (onDisk === 0) continue;
+        highest = i;
+        if (this.verbose) this.log(`${fix.leaks ? 'Repairing' : 'Leaked'} cluster ${i} refcount=${onDisk} reference=0`);
+        if (fix.leaks) {
+          try {
+            await this.image.refcounts.updateRefcount(i * cs, cs, -onDisk);
+            res.leaksFixed++;
+            continue;
+          } catch {
+            // counted below as not fixed
+          }
+        }
+        res.leaks++;
+      }
     }
     return highest;
   }
