@@ -80,3 +80,26 @@ export interface HostFile {
 
 /** A function that opens a host file by path (so the qcow2 layer can open backing and data files). */
 export type HostFileOpener = (path: string, options: HostFileOpenOptions) => Promise<HostFile>;
+
+/**
+ * A HostFile that forwards every call to `inner`: the base of wrappers that change a few calls
+ * (size tracking, cache dropping, fault injection and gates in tests) and inherit the rest.
+ */
+export class ForwardingHostFile implements HostFile {
+  constructor(readonly inner: HostFile) {}
+
+  get path(): string { return this.inner.path; }
+  get readOnly(): boolean { return this.inner.readOnly; }
+  get direct(): boolean { return this.inner.direct; }
+  get dioAlignment(): number { return this.inner.dioAlignment; }
+  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.inner.pread(buf, hostOffset, point); }
+  pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> { return this.inner.pwrite(buf, hostOffset, point); }
+  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
+  size(): Promise<number> { return this.inner.size(); }
+  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
+  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.zeroRange(offset, length, keepSize); }
+  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
+  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.allocate(offset, length, keepSize); }
+  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
+  close(): Promise<void> { return this.inner.close(); }
+}

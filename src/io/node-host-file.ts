@@ -128,6 +128,12 @@ class ByteRangeLock {
   }
 }
 
+/** The AIO engine and the open file description a direct handle submits on. */
+interface AioChannel {
+  engine: AioEngine;
+  handle: FileHandle;
+}
+
 class NodeHostFile implements HostFile {
   readonly path: string;
   readonly readOnly: boolean;
@@ -148,15 +154,14 @@ class NodeHostFile implements HostFile {
   private readonly pool: AlignedBufferPool;
   private readonly ranges = new ByteRangeLock();
   private readonly locked: boolean;
-  /** Linux AIO for this direct handle's reads and writes; null: the threadpool. */
-  private readonly aio: AioEngine | null;
   /**
-   * The AIO requests' own open file description (same file, no locks). A request in flight holds a
+   * Linux AIO for this direct handle's reads and writes (null: the threadpool), submitted on the
+   * handle's own open file description of the same file, without locks. A request in flight holds a
    * reference to its description, and one completing after a kill -9 drops it from interrupt
-   * context, so the kernel closes that description a moment after the process is gone: were the
-   * locks on it, `qemu-img check` right after a crash would find the image still locked.
+   * context, so the kernel closes that description a moment after the process is gone: the locks
+   * stay on the main description, never held up by in-flight AIO.
    */
-  private readonly aioHandle: FileHandle | null;
+  private readonly aio: AioChannel | null;
   private closed = false;
   /**
    * Direct mode: the file size as this handle last established it (fstat at open, then every
@@ -165,7 +170,7 @@ class NodeHostFile implements HostFile {
   private sizeHintBytes: number;
 
   constructor(path: string, handle: FileHandle, readOnly: boolean, direct: boolean, locked: boolean, sizeBytes: number,
-    aio: { engine: AioEngine; handle: FileHandle } | null) {
+    aio: AioChannel | null) {
     this.path = path;
     this.handle = handle;
     this.fd = handle.fd;
@@ -173,8 +178,7 @@ class NodeHostFile implements HostFile {
     this.direct = direct;
     this.locked = locked;
     this.sizeHintBytes = sizeBytes;
-    this.aio = direct && aio ? aio.engine : null;
-    this.aioHandle = direct && aio ? aio.handle : null;
+    this.aio = direct ? aio : null;
     const alignment = nativeDioAlignment(this.fd);
     this.memAlignBytes = direct ? alignment.memAlign : 1;
     this.writeMemAlignBytes = direct ? Math.max(alignment.memAlign, DEFAULT_ALIGNMENT_BYTES) : 1;
@@ -213,7 +217,7 @@ class NodeHostFile implements HostFile {
     let doneBytes = 0;
     while (doneBytes < view.length) {
       const bytesRead = await this.track(this.aio
-        ? this.aio.submit(false, this.aioHandle!.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
+        ? this.aio.engine.submit(false, this.aio.handle.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
         : preadOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
       if (bytesRead === 0) {
         break;
@@ -232,11 +236,11 @@ class NodeHostFile implements HostFile {
     // inside io_submit, under the exclusive inode lock): it would stall the event loop, so it goes to
     // the threadpool. Measured on the compressed writer, whose packing areas grow the file: cp of a
     // 1.5 GiB ext4 image into a zstd mount 7.8–9.1 s through AIO, 6.8–7.5 s through the threadpool.
-    const viaAio = this.aio !== null && hostOffset + view.length <= this.sizeHintBytes;
+    const aio = this.aio !== null && hostOffset + view.length <= this.sizeHintBytes ? this.aio : null;
     let doneBytes = 0;
     while (doneBytes < view.length) {
-      const bytesWritten = await this.track(viaAio
-        ? this.aio!.submit(true, this.aioHandle!.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
+      const bytesWritten = await this.track(aio
+        ? aio.engine.submit(true, aio.handle.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
         : pwriteOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
       if (bytesWritten === 0) {
         throw new HostIoError('EIO', this.path, 'pwrite', hostOffset + doneBytes, 'write made no progress');
@@ -490,7 +494,7 @@ class NodeHostFile implements HostFile {
       }
     }
     try {
-      await this.aioHandle?.close();
+      await this.aio?.handle.close();
       await this.handle.close();
     } catch (error) {
       throw toHostIoError(error, this.path, 'close');
@@ -500,10 +504,10 @@ class NodeHostFile implements HostFile {
 }
 
 /**
- * The second open of a direct file that its AIO requests use (see NodeHostFile.aioHandle); null
+ * The second open of a direct file that its AIO requests use (see NodeHostFile.aio); null
  * (the threadpool then) when the path no longer names the same file or cannot be opened again.
  */
-async function openAioHandle(path: string, flags: number, opened: Stats, engine: AioEngine): Promise<{ engine: AioEngine; handle: FileHandle } | null> {
+async function openAioHandle(path: string, flags: number, opened: Stats, engine: AioEngine): Promise<AioChannel | null> {
   let handle: FileHandle | undefined;
   try {
     handle = await open(path, flags);
@@ -536,7 +540,7 @@ export async function openNodeHostFile(path: string, options: HostFileOpenOption
   } catch (error) {
     throw toHostIoError(error, path, direct ? 'open (O_DIRECT)' : 'open');
   }
-  let aio: { engine: AioEngine; handle: FileHandle } | null = null;
+  let aio: AioChannel | null = null;
   try {
     if (lock) {
       if (!readOnly) {

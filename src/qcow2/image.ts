@@ -8,7 +8,7 @@
  */
 import debugFactory from 'debug';
 import { AsyncLock } from './async-lock.js';
-import type { AioMode, HostFile, HostFileOpener, HostFileOpenOptions, WritePoint } from '../io/host-file.js';
+import { ForwardingHostFile, type AioMode, type HostFile, type HostFileOpener, type HostFileOpenOptions, type WritePoint } from '../io/host-file.js';
 import { openNodeHostFile } from '../io/node-host-file.js';
 import { allocAligned, DEFAULT_ALIGNMENT_BYTES } from '../io/aligned-buffer.js';
 import { BackingReader, openBacking } from './backing.js';
@@ -1059,29 +1059,19 @@ export class Qcow2Image implements BlockDevice, BackingReader {
  * The image file as the driver sees it: forwards to the real HostFile and keeps its size (for
  * "past the end of the file" checks) and the highest byte ever written (for known-zero clusters).
  */
-class SizeTrackingFile implements HostFile {
+class SizeTrackingFile extends ForwardingHostFile {
   sizeBytes: number;
   /** The file's size when the image was opened. */
   readonly openedBytes: number;
   onWrite: (endBytes: number) => void = () => undefined;
-  private readonly inner: HostFile;
 
   constructor(inner: HostFile, sizeBytes: number) {
-    this.inner = inner;
+    super(inner);
     this.sizeBytes = sizeBytes;
     this.openedBytes = sizeBytes;
   }
 
-  get path(): string { return this.inner.path; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get direct(): boolean { return this.inner.direct; }
-  get dioAlignment(): number { return this.inner.dioAlignment; }
-
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> {
-    return this.inner.pread(buf, hostOffset, point);
-  }
-
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     this.onWrite(hostOffset + buf.length);
     await this.inner.pwrite(buf, hostOffset, point);
     this.noteWrite(hostOffset + buf.length);
@@ -1093,63 +1083,41 @@ class SizeTrackingFile implements HostFile {
     this.sizeBytes = Math.max(this.sizeBytes, endBytes);
   }
 
-  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
-
-  async size(): Promise<number> {
+  override async size(): Promise<number> {
     this.sizeBytes = await this.inner.size();
     return this.sizeBytes;
   }
 
-  async truncate(bytes: number): Promise<void> {
+  override async truncate(bytes: number): Promise<void> {
     await this.inner.truncate(bytes);
     this.sizeBytes = bytes;
   }
 
-  async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+  override async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
     const ok = await this.inner.zeroRange(offset, length, keepSize);
     if (ok && !keepSize) this.sizeBytes = Math.max(this.sizeBytes, offset + length);
     return ok;
   }
 
-  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
-
-  async allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+  override async allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
     const ok = await this.inner.allocate(offset, length, keepSize);
     if (ok && !keepSize) this.sizeBytes = Math.max(this.sizeBytes, offset + length);
     return ok;
   }
-
-  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
-  close(): Promise<void> { return this.inner.close(); }
 }
 
 /** Buffered stand-in for an O_DIRECT handle: every write is followed by fadvise(DONTNEED). */
-class DropCacheFile implements HostFile {
-  private readonly inner: HostFile;
+class DropCacheFile extends ForwardingHostFile {
+  override get direct(): boolean { return false; }
 
-  constructor(inner: HostFile) { this.inner = inner; }
-
-  get path(): string { return this.inner.path; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get direct(): boolean { return false; }
-  get dioAlignment(): number { return this.inner.dioAlignment; }
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.inner.pread(buf, hostOffset, point); }
-
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     await this.inner.pwrite(buf, hostOffset, point);
     await this.inner.fdatasync();
     await this.inner.dropCache(hostOffset, buf.length);
   }
 
-  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
-  size(): Promise<number> { return this.inner.size(); }
-  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
   /** The wrapped handle is the image's own: closing this stand-in does not close it. */
-  close(): Promise<void> { return Promise.resolve(); }
+  override close(): Promise<void> { return Promise.resolve(); }
 }
 
 /** A set of disjoint [start, end) byte ranges. */

@@ -9,20 +9,15 @@
  */
 import { HostIoError } from '../../src/io/errors.js';
 import type { FaultyHostFile } from '../../src/io/faulty-host-file.js';
-import type { HostFile, WritePoint } from '../../src/io/host-file.js';
+import { ForwardingHostFile, type WritePoint } from '../../src/io/host-file.js';
 import type { MemoryHostFile } from '../../src/io/memory-host-file.js';
 
-export class PowerSwitch implements HostFile {
+export class PowerSwitch extends ForwardingHostFile {
   events = 0;
   cut: Promise<MemoryHostFile> | undefined;
 
   /** `shared`: several handles of one image use this switch; closing a handle leaves the file open. */
-  constructor(readonly faulty: FaultyHostFile, private readonly cutAt: number, private readonly shared = false) {}
-
-  get path(): string { return this.faulty.path; }
-  get readOnly(): boolean { return this.faulty.readOnly; }
-  get direct(): boolean { return this.faulty.direct; }
-  get dioAlignment(): number { return this.faulty.dioAlignment; }
+  constructor(readonly faulty: FaultyHostFile, private readonly cutAt: number, private readonly shared = false) { super(faulty); }
 
   private async event(operation: string): Promise<void> {
     if (++this.events !== this.cutAt) return;
@@ -31,20 +26,13 @@ export class PowerSwitch implements HostFile {
     throw new HostIoError('EIO', this.path, operation, undefined, 'power cut');
   }
 
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.faulty.pread(buf, hostOffset, point); }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     await this.event('pwrite');
     await this.faulty.pwrite(buf, hostOffset, point);
   }
-  async fdatasync(): Promise<void> {
+  override async fdatasync(): Promise<void> {
     await this.event('fdatasync');
     await this.faulty.fdatasync();
   }
-  size(): Promise<number> { return this.faulty.size(); }
-  truncate(bytes: number): Promise<void> { return this.faulty.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.faulty.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.faulty.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.faulty.dropCache(offset, length); }
-  close(): Promise<void> { return this.shared ? Promise.resolve() : this.faulty.close(); }
+  override close(): Promise<void> { return this.shared ? Promise.resolve() : this.faulty.close(); }
 }

@@ -20,7 +20,7 @@
  */
 import { describe, expect, it, onTestFailed } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
-import type { HostFile, WritePoint } from '../../../src/io/host-file.js';
+import { ForwardingHostFile, type HostFile, type WritePoint } from '../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { checkSerializable, describeDifference, GuestModel, randomGuestRange, RangeSet, type GuestOp } from '../../helpers/model.js';
@@ -39,47 +39,38 @@ const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
  * A HostFile whose reads, writes, hole punches and zeroing land and complete after random numbers of
  * event-loop turns (at most `maxTurns` - 1 each way), as requests on a real disk do.
  */
-class JitterFile implements HostFile {
-  constructor(readonly inner: HostFile, private readonly rng: Prng, private readonly maxTurns = 4) {}
-  get path(): string { return this.inner.path; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get direct(): boolean { return this.inner.direct; }
-  get dioAlignment(): number { return this.inner.dioAlignment; }
+class JitterFile extends ForwardingHostFile {
+  constructor(inner: HostFile, private readonly rng: Prng, private readonly maxTurns = 4) { super(inner); }
   private async jitter(): Promise<void> {
     for (let i = this.rng.int(this.maxTurns); i > 0; i--) await turn();
   }
-  async pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> {
+  override async pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> {
     await this.jitter();
     const n = await this.inner.pread(buf, hostOffset, point);
     await this.jitter();
     return n;
   }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     await this.jitter();
     await this.inner.pwrite(buf, hostOffset, point);
     await this.jitter();
   }
-  async fdatasync(): Promise<void> {
+  override async fdatasync(): Promise<void> {
     await this.jitter();
     await this.inner.fdatasync();
   }
-  size(): Promise<number> { return this.inner.size(); }
-  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
-  async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+  override async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
     await this.jitter();
     const done = await this.inner.zeroRange(offset, length, keepSize);
     await this.jitter();
     return done;
   }
-  async punchHole(offset: number, length: number): Promise<boolean> {
+  override async punchHole(offset: number, length: number): Promise<boolean> {
     await this.jitter();
     const done = await this.inner.punchHole(offset, length);
     await this.jitter();
     return done;
   }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
-  close(): Promise<void> { return this.inner.close(); }
 }
 
 /** Defers every hole punch on `file` until settle(): a host whose fallocate completes late. */

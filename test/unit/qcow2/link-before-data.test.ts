@@ -14,7 +14,7 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import type { HostFile, HostFileOpener, WritePoint } from '../../../src/io/host-file.js';
+import { ForwardingHostFile, type HostFile, type HostFileOpener, type WritePoint } from '../../../src/io/host-file.js';
 import { HostIoError } from '../../../src/io/errors.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
@@ -28,7 +28,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 
 /** Forwards to a real file; the first guest-data write is held until `release()` (or `fail()`). */
-class GateFile implements HostFile {
+class GateFile extends ForwardingHostFile {
   private held = false;
   private open!: () => void;
   private reject!: (error: Error) => void;
@@ -37,18 +37,15 @@ class GateFile implements HostFile {
   readonly reached: Promise<void>;
   private markReached!: () => void;
 
-  constructor(private readonly inner: HostFile) {
+  constructor(inner: HostFile) {
+    super(inner);
     this.reached = new Promise((resolve) => { this.markReached = resolve; });
   }
 
-  get path(): string { return this.inner.path; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get direct(): boolean { return this.inner.direct; }
-  get dioAlignment(): number { return this.inner.dioAlignment; }
   release(): void { this.open(); }
   fail(): void { this.reject(new HostIoError('EIO', this.path, 'pwrite', undefined, 'injected')); }
 
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     if (point === 'data' && !this.held) {
       this.held = true;
       this.markReached();
@@ -56,20 +53,16 @@ class GateFile implements HostFile {
     }
     return this.inner.pwrite(buf, hostOffset, point);
   }
-
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.inner.pread(buf, hostOffset, point); }
-  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
-  size(): Promise<number> { return this.inner.size(); }
-  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
-  close(): Promise<void> { return this.inner.close(); }
 }
 
-/** Open `path` writable with the image file behind a gate (backing files open normally). */
-async function openGated(path: string, preallocate = true): Promise<{ image: Qcow2Image; gate: GateFile }> {
+const FIRST = patternBuffer(4 * KiB, 1, 0);
+const SECOND = patternBuffer(4 * KiB, 2, 0);
+
+/**
+ * Open `path` writable with the image file behind a gate (backing files open normally) and start
+ * the allocating write of FIRST at 0; resolves once that write's data is held at the gate.
+ */
+async function startHeldWrite(path: string, preallocate = true): Promise<{ image: Qcow2Image; gate: GateFile; first: Promise<void> }> {
   let gate: GateFile | undefined;
   const opener: HostFileOpener = async (p, options) => {
     const file = await openNodeHostFile(p, options);
@@ -78,7 +71,17 @@ async function openGated(path: string, preallocate = true): Promise<{ image: Qco
     return gate;
   };
   const image = await Qcow2Image.open(path, { readOnly: false, openHostFile: opener, preallocate });
-  return { image, gate: gate! };
+  const first = image.write(0, FIRST);
+  await gate!.reached;
+  return { image, gate: gate!, first };
+}
+
+/** The first 64 KiB of the guest: `fill`, with SECOND at 8 KiB and, when `withFirst`, FIRST at 0. */
+function firstCluster(fill: number, withFirst: boolean): Buffer {
+  const expected = Buffer.alloc(64 * KiB, fill);
+  if (withFirst) FIRST.copy(expected, 0);
+  SECOND.copy(expected, 8 * KiB);
+  return expected;
 }
 
 /**
@@ -102,16 +105,14 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
   it('lets a second write into the cluster complete while the allocating write is still in flight', async () => {
     const path = join(tmp.path, 'a.qcow2');
     await qemuImgCreate(path, 16 * MiB);
-    const { image, gate } = await openGated(path);
-    const first = image.write(0, patternBuffer(4 * KiB, 1, 0));
-    await gate.reached;
-    const second = image.write(8 * KiB, patternBuffer(4 * KiB, 2, 0));
+    const { image, gate, first } = await startHeldWrite(path);
+    const second = image.write(8 * KiB, SECOND);
     expect(await settlesWithin(second, 20_000)).toBe(true);
     await second;
-    expect((await image.read(8 * KiB, 4 * KiB)).equals(patternBuffer(4 * KiB, 2, 0))).toBe(true);
+    expect((await image.read(8 * KiB, 4 * KiB)).equals(SECOND)).toBe(true);
     gate.release();
     await first;
-    expect((await image.read(0, 4 * KiB)).equals(patternBuffer(4 * KiB, 1, 0))).toBe(true);
+    expect((await image.read(0, 4 * KiB)).equals(FIRST)).toBe(true);
     expect(await image.allocatedBytes()).toBeGreaterThan(0);
     await image.close();
     await qemuImgCheckClean(path);
@@ -125,17 +126,12 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
     await baseImage.write(0, Buffer.alloc(64 * KiB, 0x5a));
     await baseImage.close();
     await qemuImgCreate(path, 16 * MiB, {}, { backing: base, backingFormat: 'qcow2' });
-    const { image, gate } = await openGated(path);
-    const first = image.write(0, patternBuffer(4 * KiB, 1, 0));
-    await gate.reached;
-    const second = image.write(8 * KiB, patternBuffer(4 * KiB, 2, 0));
+    const { image, gate, first } = await startHeldWrite(path);
+    const second = image.write(8 * KiB, SECOND);
     expect(await settlesWithin(second, 300)).toBe(false);
     gate.release();
     await Promise.all([first, second]);
-    const expected = Buffer.alloc(64 * KiB, 0x5a);
-    patternBuffer(4 * KiB, 1, 0).copy(expected, 0);
-    patternBuffer(4 * KiB, 2, 0).copy(expected, 8 * KiB);
-    expect((await image.read(0, 64 * KiB)).equals(expected)).toBe(true);
+    expect((await image.read(0, 64 * KiB)).equals(firstCluster(0x5a, true))).toBe(true);
     await image.close();
     await qemuImgCheckClean(path);
   });
@@ -144,10 +140,8 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
     const path = join(tmp.path, 'crash.qcow2');
     const copy = join(tmp.path, 'crash-copy.qcow2');
     await qemuImgCreate(path, 16 * MiB);
-    const { image, gate } = await openGated(path);
-    const first = image.write(0, patternBuffer(4 * KiB, 1, 0));
-    await gate.reached;
-    await image.write(8 * KiB, patternBuffer(4 * KiB, 2, 0));
+    const { image, gate, first } = await startHeldWrite(path);
+    await image.write(8 * KiB, SECOND);
     await image.flush();
     await copyFile(path, copy);
     gate.release();
@@ -158,24 +152,18 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
     const report = await qemuImgCheckClean(copy);
     expect(report.leaks ?? 0).toBe(0);
     const crashed = await Qcow2Image.open(copy, { readOnly: true, lock: false });
-    const expected = Buffer.alloc(64 * KiB);
-    patternBuffer(4 * KiB, 2, 0).copy(expected, 8 * KiB);
-    expect((await crashed.read(0, 64 * KiB)).equals(expected)).toBe(true);
+    expect((await crashed.read(0, 64 * KiB)).equals(firstCluster(0, false))).toBe(true);
     await crashed.close();
   });
 
   it('keeps the cluster, zero and allocated, when the allocating write fails', async () => {
     const path = join(tmp.path, 'fail.qcow2');
     await qemuImgCreate(path, 16 * MiB);
-    const { image, gate } = await openGated(path);
-    const first = image.write(0, patternBuffer(4 * KiB, 1, 0));
-    await gate.reached;
-    await image.write(8 * KiB, patternBuffer(4 * KiB, 2, 0));
+    const { image, gate, first } = await startHeldWrite(path);
+    await image.write(8 * KiB, SECOND);
     gate.fail();
     await expect(first).rejects.toMatchObject({ code: 'EIO' });
-    const expected = Buffer.alloc(64 * KiB);
-    patternBuffer(4 * KiB, 2, 0).copy(expected, 8 * KiB);
-    expect((await image.read(0, 64 * KiB)).equals(expected)).toBe(true);
+    expect((await image.read(0, 64 * KiB)).equals(firstCluster(0, false))).toBe(true);
     await image.close();
     const report = await qemuImgCheckClean(path);
     expect(report.leaks ?? 0).toBe(0);
@@ -184,10 +172,8 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
   it('does not link first without preallocation (the data goes first, as usual)', async () => {
     const path = join(tmp.path, 'noprealloc.qcow2');
     await qemuImgCreate(path, 16 * MiB);
-    const { image, gate } = await openGated(path, false);
-    const first = image.write(0, patternBuffer(4 * KiB, 1, 0));
-    await gate.reached;
-    const second = image.write(8 * KiB, patternBuffer(4 * KiB, 2, 0));
+    const { image, gate, first } = await startHeldWrite(path, false);
+    const second = image.write(8 * KiB, SECOND);
     expect(await settlesWithin(second, 300)).toBe(false);
     gate.release();
     await Promise.all([first, second]);

@@ -14,7 +14,7 @@
 import { describe, expect, it, onTestFailed } from 'vitest';
 import { writeFile } from 'node:fs/promises';
 import { HostIoError } from '../../../src/io/errors.js';
-import type { HostFile, HostFileOpener, WritePoint } from '../../../src/io/host-file.js';
+import { ForwardingHostFile, type HostFile, type HostFileOpener, type WritePoint } from '../../../src/io/host-file.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
 import { Qcow2Image, type CacheMode, type Qcow2OpenOptions } from '../../../src/qcow2/image.js';
 import { describeDifference, GuestModel, randomGuestRange } from '../../helpers/model.js';
@@ -39,34 +39,23 @@ function envInt(name: string, fallback: number): number {
  * A host file that refuses to grow past `capBytes` (ENOSPC): a runaway allocation fails the test
  * quickly instead of filling the disk until the timeout.
  */
-class CappedFile implements HostFile {
-  constructor(readonly inner: HostFile, private readonly capBytes: number) {}
-  get path(): string { return this.inner.path; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get direct(): boolean { return this.inner.direct; }
-  get dioAlignment(): number { return this.inner.dioAlignment; }
+class CappedFile extends ForwardingHostFile {
+  constructor(inner: HostFile, private readonly capBytes: number) { super(inner); }
   private check(operation: string, end: number): void {
     if (end > this.capBytes) throw new HostIoError('ENOSPC', this.path, operation, end, `test cap of ${this.capBytes} host bytes exceeded`);
   }
-  pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> { return this.inner.pread(buf, hostOffset, point); }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     this.check('pwrite', hostOffset + buf.length);
     await this.inner.pwrite(buf, hostOffset, point);
   }
-  fdatasync(): Promise<void> { return this.inner.fdatasync(); }
-  size(): Promise<number> { return this.inner.size(); }
-  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
-  async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+  override async zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
     if (keepSize !== true) this.check('zeroRange', offset + length);
     return this.inner.zeroRange(offset, length, keepSize);
   }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
-  async allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
+  override async allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> {
     if (keepSize !== true) this.check('allocate', offset + length);
     return this.inner.allocate(offset, length, keepSize);
   }
-  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
-  close(): Promise<void> { return this.inner.close(); }
 }
 
 /** Open images on real files, capped at `capBytes`. */

@@ -8,7 +8,7 @@
 import { describe, expect, it } from 'vitest';
 import { HostIoError } from '../../../src/io/errors.js';
 import { FaultyHostFile } from '../../../src/io/faulty-host-file.js';
-import type { HostFile, WritePoint } from '../../../src/io/host-file.js';
+import { ForwardingHostFile, type HostFile, type WritePoint } from '../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../../src/qcow2/image.js';
 import { Geometry } from '../../../src/qcow2/geometry.js';
@@ -29,16 +29,11 @@ type IoEvent =
   | { op: 'fdatasync' };
 
 /** A HostFile that forwards to `inner` and logs every pread, pwrite and fdatasync in order. */
-class RecordingFile implements HostFile {
+class RecordingFile extends ForwardingHostFile {
   readonly events: IoEvent[] = [];
   /** Fail this many of the next preads with EIO. */
   failReads = 0;
-  constructor(readonly inner: HostFile) {}
-  get path(): string { return this.inner.path; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get direct(): boolean { return this.inner.direct; }
-  get dioAlignment(): number { return this.inner.dioAlignment; }
-  async pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> {
+  override async pread(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<number> {
     this.events.push({ op: 'pread', offset: hostOffset, point });
     if (this.failReads > 0) {
       this.failReads--;
@@ -46,21 +41,14 @@ class RecordingFile implements HostFile {
     }
     return this.inner.pread(buf, hostOffset, point);
   }
-  async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
+  override async pwrite(buf: Uint8Array, hostOffset: number, point?: WritePoint): Promise<void> {
     await this.inner.pwrite(buf, hostOffset, point);
     this.events.push({ op: 'pwrite', offset: hostOffset, point, data: Buffer.from(buf) });
   }
-  async fdatasync(): Promise<void> {
+  override async fdatasync(): Promise<void> {
     await this.inner.fdatasync();
     this.events.push({ op: 'fdatasync' });
   }
-  size(): Promise<number> { return this.inner.size(); }
-  truncate(bytes: number): Promise<void> { return this.inner.truncate(bytes); }
-  zeroRange(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.zeroRange(offset, length, keepSize); }
-  punchHole(offset: number, length: number): Promise<boolean> { return this.inner.punchHole(offset, length); }
-  allocate(offset: number, length: number, keepSize?: boolean): Promise<boolean> { return this.inner.allocate(offset, length, keepSize); }
-  dropCache(offset: number, length: number): Promise<void> { return this.inner.dropCache(offset, length); }
-  close(): Promise<void> { return this.inner.close(); }
 
   /** The events since `from` as short strings: 'r@1024', 'w@512', 'sync'. */
   trace(from = 0): string[] {
