@@ -6,7 +6,7 @@
  *   node dist/examples/compressed-backup.js SOURCE.raw BACKUP.qcow2 [zlib|zstd]
  */
 import { open, stat } from 'node:fs/promises';
-import { createImage } from '../src/qcow2/create.js';
+import { createImage } from '../src/qcow2/tools/create.js';
 import { openImage } from '../src/index.js';
 
 const [sourcePath, imagePath, compression = 'zlib'] = process.argv.slice(2);

@@ -5,7 +5,7 @@
  * `map` table.
  */
 import debugFactory from 'debug';
-import type { MapEntry } from '../qcow2/map.js';
+import type { MapEntry } from '../qcow2/tools/map.js';
 
 export const trace = debugFactory('qcow2fuse:cli');
 

@@ -14,8 +14,8 @@ import { randomBytes } from 'node:crypto';
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { InspectableDevice, LayoutEntry } from '../qcow2/block-device.js';
-import { mapJsonChunks } from '../qcow2/map.js';
+import type { InspectableDevice, LayoutEntry } from '../qcow2/engine/block-device.js';
+import { mapJsonChunks } from '../qcow2/tools/map.js';
 
 /** A generator of one inspection file's text. */
 export type ContentGenerator = (device: InspectableDevice) => AsyncIterable<string>;

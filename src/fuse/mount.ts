@@ -17,7 +17,7 @@ import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import createDebug from 'debug';
-import type { InspectableDevice } from '../qcow2/block-device.js';
+import type { InspectableDevice } from '../qcow2/engine/block-device.js';
 import { CodedError } from '../io/errors.js';
 import { createFuseAdapter, type FuseAdapter, type FuseNativeOps } from './adapter.js';
 import { errnoName } from './errno.js';

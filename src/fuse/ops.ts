@@ -30,7 +30,7 @@
  */
 import { constants as fsConstants } from 'node:fs';
 import { createRequire } from 'node:module';
-import type { BlockDevice, InspectableDevice, SnapshotSummary } from '../qcow2/block-device.js';
+import type { BlockDevice, InspectableDevice, SnapshotSummary } from '../qcow2/engine/block-device.js';
 import { fsError } from './errno.js';
 import { ContentSnapshot, INSPECTION_FILES, type CaptureOptions, type ContentGenerator } from './inspect.js';
 

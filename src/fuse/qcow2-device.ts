@@ -5,14 +5,14 @@
  * the snapshot views. Host-file facts (actual-size, holes) come from one allocation probe per mount,
  * closed with the image.
  */
-import type { BlockDevice, CheckReport, InspectableDevice, LayoutEntry, MapExtent, SnapshotSummary } from '../qcow2/block-device.js';
+import type { BlockDevice, CheckReport, InspectableDevice, LayoutEntry, MapExtent, SnapshotSummary } from '../qcow2/engine/block-device.js';
 import { nodeHostAllocationProbe, type HostAllocationProbe } from '../io/host-allocation.js';
-import { checkImage } from '../qcow2/check.js';
-import { Qcow2Image } from '../qcow2/image.js';
-import { imageInfo } from '../qcow2/info.js';
-import { layout } from '../qcow2/layout.js';
-import { mapExtents } from '../qcow2/map.js';
-import { listSnapshots, openSnapshotView } from '../qcow2/snapshot.js';
+import { checkImage } from '../qcow2/check/check.js';
+import { Qcow2Image } from '../qcow2/engine/image.js';
+import { imageInfo } from '../qcow2/tools/info.js';
+import { layout } from '../qcow2/tools/layout.js';
+import { mapExtents } from '../qcow2/tools/map.js';
+import { listSnapshots, openSnapshotView } from '../qcow2/engine/snapshot.js';
 import type { DeviceOpenOptions } from './options.js';
 
 export class Qcow2Device implements InspectableDevice {

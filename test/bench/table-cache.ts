@@ -22,7 +22,7 @@
  * BENCH_TABLE_CACHE_OPS sets our operations per measurement (default 200 000).
  */
 import type { HostFile } from '../../src/io/host-file.js';
-import { TableCache } from '../../src/qcow2/table-cache.js';
+import { TableCache } from '../../src/qcow2/engine/table-cache.js';
 import { median, type Benchmark, type BenchContext, type BenchRow } from './harness.js';
 
 const TABLE_BYTES = 512;

@@ -8,7 +8,7 @@
 import { copyFile, readFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { CodedError } from '../../src/io/errors.js';
-import { Qcow2Image } from '../../src/qcow2/image.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { sha256 } from '../helpers/files.js';
 import { qemuIo } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';

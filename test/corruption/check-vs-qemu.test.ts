@@ -6,7 +6,7 @@
  */
 import { copyFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { Qcow2Image } from '../../src/qcow2/image.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { qemuImgCheck, qemuImgCompare, qemuIo } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { requireTools } from '../helpers/tools.js';

@@ -13,7 +13,7 @@ import { readdir, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { Qcow2Image } from '../../src/qcow2/image.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { IngestMount, MiB, start, type Started } from '../helpers/compress-ingest.js';
 import { run } from '../helpers/exec.js';
 import { writePatternFile } from '../helpers/files.js';

@@ -26,7 +26,7 @@ const CLI = `${root}dist/src/cli/main.js`;
 const MiB = 2 ** 20;
 
 async function checkBuild(): Promise<void> {
-  for (const [source, build] of [['test/corruption/mount-fault-daemon.ts', ENTRY], ['src/qcow2/image.ts', `${root}dist/src/qcow2/image.js`], ['src/fuse/mount.ts', `${root}dist/src/fuse/mount.js`]] as const) {
+  for (const [source, build] of [['test/corruption/mount-fault-daemon.ts', ENTRY], ['src/qcow2/engine/image.ts', `${root}dist/src/qcow2/engine/image.js`], ['src/fuse/mount.ts', `${root}dist/src/fuse/mount.js`]] as const) {
     const built = await stat(build).catch(() => undefined);
     if (built === undefined || built.mtimeMs < (await stat(`${root}${source}`)).mtimeMs) {
       throw new Error(`${build} is missing or older than ${source}: run \`npm run build\` first (npm test does)`);

@@ -1,7 +1,7 @@
 /** Our check driven as the CLI drives it, for tests that compare it with qemu-img check. */
 import { checkExitCode } from '../../src/cli/commands/check.js';
-import { CheckFailedError, checkImage, type CheckResult, type RepairMode } from '../../src/qcow2/check.js';
-import { Qcow2Image } from '../../src/qcow2/image.js';
+import { CheckFailedError, checkImage, type CheckResult, type RepairMode } from '../../src/qcow2/check/check.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 
 /** Exit code and report (none when the image could not be opened or the check could not run). */
 export async function ourCheck(path: string, repair?: RepairMode): Promise<{ code: number; report?: CheckResult }> {

@@ -15,9 +15,9 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { copyFile, rm, stat } from 'node:fs/promises';
 import { CodedError } from '../../src/io/errors.js';
-import { checkImage } from '../../src/qcow2/check.js';
-import { Qcow2Image } from '../../src/qcow2/image.js';
-import { layout } from '../../src/qcow2/layout.js';
+import { checkImage } from '../../src/qcow2/check/check.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
+import { layout } from '../../src/qcow2/tools/layout.js';
 import { FuzzRng } from './prng.js';
 
 export interface CaseRequest {

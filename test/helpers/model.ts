@@ -2,7 +2,7 @@
  * An in-memory model of a guest disk: what a qcow2 image must read back after a sequence of
  * write / writeZeroes / discard, with or without a backing file.
  *
- * Semantics modelled (DESIGN §4, src/qcow2/cluster-map.ts):
+ * Semantics modelled (DESIGN §4, src/qcow2/engine/cluster-map.ts):
  * - write: the bytes are the data; writeZeroes: the bytes read as zeros;
  * - discard acts on whole clusters only: [ceil(start), floor(end)) in clusters, where an end at the
  *   virtual size rounds up (the partial last cluster counts as whole); partial clusters are left as

@@ -20,7 +20,7 @@ import { describe, expect, it, onTestFailed } from 'vitest';
 import { FaultyHostFile } from '../../src/io/faulty-host-file.js';
 import type { HostFile } from '../../src/io/host-file.js';
 import { MemoryHostFile } from '../../src/io/memory-host-file.js';
-import { Qcow2Image } from '../../src/qcow2/image.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { explainInterrupted, GuestModel, randomGuestRange, type GuestOp } from '../helpers/model.js';
 import { PowerSwitch } from '../helpers/power-switch.js';
 import { patternBuffer, Prng, seedFromEnv } from '../helpers/patterns.js';

@@ -14,7 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MemoryHostFile } from '../../src/io/memory-host-file.js';
-import { Qcow2Image } from '../../src/qcow2/image.js';
+import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { createEmptyImage, IngestMount, MiB } from '../helpers/compress-ingest.js';
 import { patternBuffer } from '../helpers/patterns.js';
 import { qemuImgCheckClean, qemuImgCompare, qemuImgCreate } from '../helpers/qemu.js';

@@ -7,7 +7,7 @@
  * (aligned for O_DIRECT). A flush ends a write run. `-i` picks how O_DIRECT I/O is submitted (aio=).
  */
 import type { AioMode } from '../../io/host-file.js';
-import { Qcow2Image, type CacheMode } from '../../qcow2/image.js';
+import { Qcow2Image, type CacheMode } from '../../qcow2/engine/image.js';
 import { parseArgs, parseSize } from '../args.js';
 
 export const summary = 'run a simple I/O benchmark on an image (qemu-img bench)';

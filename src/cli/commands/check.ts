@@ -6,8 +6,8 @@
  * Exit codes as qemu-img: 0 clean, 1 the check could not run (or had internal errors), 2 corruptions
  * left, 3 leaks only. Diagnostics go to stderr, the report to stdout (the same JSON keys as qemu-img).
  */
-import { checkImage, CheckFailedError, type CheckResult, type RepairMode } from '../../qcow2/check.js';
-import { Qcow2Image } from '../../qcow2/image.js';
+import { checkImage, CheckFailedError, type CheckResult, type RepairMode } from '../../qcow2/check/check.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs } from '../args.js';
 import { commandError, progressText, qemuJson, writeOut } from '../output.js';
 

@@ -13,11 +13,11 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { nodeHostAllocationProbe, type HostAllocationProbe } from '../../io/host-allocation.js';
-import { createImage, type CreateOptions } from '../../qcow2/create.js';
-import { Qcow2Image } from '../../qcow2/image.js';
-import { mapEntries } from '../../qcow2/map.js';
-import { openSnapshotView, type SnapshotRef } from '../../qcow2/snapshot.js';
-import type { ClusterMap } from '../../qcow2/cluster-map.js';
+import { createImage, type CreateOptions } from '../../qcow2/tools/create.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
+import { mapEntries } from '../../qcow2/tools/map.js';
+import { openSnapshotView, type SnapshotRef } from '../../qcow2/engine/snapshot.js';
+import type { ClusterMap } from '../../qcow2/engine/cluster-map.js';
 import { parseArgs } from '../args.js';
 import { parseCreateArgs } from './create.js';
 import { commandError, progressText, trace, writeOut } from '../output.js';

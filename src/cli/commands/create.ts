@@ -1,8 +1,8 @@
 /**
  * `qcow2fuse create [-f qcow2] [-b BACKING [-F FMT]] [-o OPTIONS] [-q] IMAGE [SIZE]` — qemu-img create.
  */
-import { createImage, type CreateOptions, type Preallocation } from '../../qcow2/create.js';
-import { Qcow2Image } from '../../qcow2/image.js';
+import { createImage, type CreateOptions, type Preallocation } from '../../qcow2/tools/create.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs, parseBool, parseOptionList, parseSize } from '../args.js';
 
 export const summary = 'create a qcow2 image (qemu-img create options)';

@@ -5,8 +5,8 @@
  * accepted for compatibility and always in effect).
  */
 import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
-import { imageInfo } from '../../qcow2/info.js';
-import { Qcow2Image } from '../../qcow2/image.js';
+import { imageInfo } from '../../qcow2/tools/info.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs } from '../args.js';
 import { commandError, formatInfoHuman, qemuJson, trace, writeOut } from '../output.js';
 

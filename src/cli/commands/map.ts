@@ -5,8 +5,8 @@
  * (exit 1) on compressed data, as qemu-img does.
  */
 import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
-import { Qcow2Image } from '../../qcow2/image.js';
-import { mapEntries, mapJsonChunks } from '../../qcow2/map.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
+import { mapEntries, mapJsonChunks } from '../../qcow2/tools/map.js';
 import { parseArgs } from '../args.js';
 import { commandError, MAP_HUMAN_HEADER, mapHumanLine, trace, writeOut } from '../output.js';
 

@@ -9,7 +9,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import type { InspectableDevice } from '../../qcow2/block-device.js';
+import type { InspectableDevice } from '../../qcow2/engine/block-device.js';
 import { CodedError } from '../../io/errors.js';
 import { errorMessage, reportToParent, serveMount, startBackgroundMount } from '../../fuse/daemon.js';
 import type { DeviceOpener } from '../../fuse/mount.js';

@@ -2,7 +2,7 @@
  * `qcow2fuse resize [--shrink] IMAGE [+|-]SIZE` — qemu-img resize: grow, or shrink with --shrink
  * (clusters past the new end are freed).
  */
-import { Qcow2Image } from '../../qcow2/image.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs, parseSize } from '../args.js';
 
 export const summary = 'change the virtual size of an image (qemu-img resize)';

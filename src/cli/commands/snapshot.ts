@@ -5,9 +5,9 @@
  * opened for writing and closed again, as qemu-img does. -U is accepted for compatibility: listing
  * always shares the image. Exit status 1 on any failure.
  */
-import { Qcow2Image } from '../../qcow2/image.js';
-import { applySnapshot, createSnapshot, deleteSnapshot } from '../../qcow2/snapshot-ops.js';
-import type { SnapshotEntry } from '../../qcow2/snapshot-table.js';
+import { Qcow2Image } from '../../qcow2/engine/image.js';
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../qcow2/tools/snapshot-ops.js';
+import type { SnapshotEntry } from '../../qcow2/format/snapshot-table.js';
 import { parseArgs } from '../args.js';
 import { commandError, sizeToStr, writeOut } from '../output.js';
 

@@ -3,7 +3,7 @@ import { constants } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { errnoName, errnoNumber, fsError, toFuseErrno } from '../../../src/fuse/errno.js';
 import { HostIoError, LockError } from '../../../src/io/errors.js';
-import { Qcow2CorruptError, Qcow2RangeError, Qcow2ReadOnlyError } from '../../../src/qcow2/errors.js';
+import { Qcow2CorruptError, Qcow2RangeError, Qcow2ReadOnlyError } from '../../../src/qcow2/format/errors.js';
 
 describe('errno mapping', () => {
   it('maps the project error classes by code', () => {

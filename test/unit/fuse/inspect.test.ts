@@ -2,7 +2,7 @@
 import { readdir } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ContentSnapshot, INSPECTION_FILES, layoutText, qemuJson, type ContentGenerator } from '../../../src/fuse/inspect.js';
-import type { LayoutEntry, MapExtent } from '../../../src/qcow2/block-device.js';
+import type { LayoutEntry, MapExtent } from '../../../src/qcow2/engine/block-device.js';
 import { tempDir } from '../../helpers/tmp.js';
 import { MemoryDevice } from './memory-device.js';
 

@@ -7,7 +7,7 @@
  * concurrency) — for assertions about what the FUSE layer did.
  */
 import { CodedError } from '../../../src/io/errors.js';
-import type { BlockDevice, CheckReport, InspectableDevice, LayoutEntry, MapExtent, SnapshotSummary } from '../../../src/qcow2/block-device.js';
+import type { BlockDevice, CheckReport, InspectableDevice, LayoutEntry, MapExtent, SnapshotSummary } from '../../../src/qcow2/engine/block-device.js';
 
 export interface MemoryDeviceOptions {
   readOnly?: boolean;

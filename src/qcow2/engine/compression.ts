@@ -1,0 +1,63 @@
+/**
+ * Compressed-cluster codecs (QEMU-compatible: zlib raw deflate with a 12-bit window, or zstd frames),
+ * run on the libuv threadpool by the native addon, and the LRU of decompressed clusters: reading a
+ * compressed cluster 4 KiB at a time decompresses it once; concurrent readers share one decompression.
+ */
+import { LRUCache } from 'lru-cache';
+import { compress, decompress, type CompressionType } from '../../io/native.js';
+import { COMPRESSION_ZSTD } from '../format/constants.js';
+
+export type { CompressionType };
+
+export function compressionTypeName(headerValue: number): CompressionType {
+  return headerValue === COMPRESSION_ZSTD ? 'zstd' : 'zlib';
+}
+
+/** Compress one cluster; null when the result would not be smaller than `maxOutBytes`. */
+export function compressCluster(type: CompressionType, cluster: Uint8Array, maxOutBytes: number): Promise<Buffer | null> {
+  return compress(type, cluster, maxOutBytes);
+}
+
+/** Decompress `src` into `out` (exactly one cluster); rejects (code EBADCOMPRESSED) on bad data. */
+export function decompressClusterInto(type: CompressionType, src: Uint8Array, out: Uint8Array): Promise<void> {
+  return decompress(type, src, out);
+}
+
+/** LRU of decompressed clusters keyed by the compressed chunk's host offset. */
+export class DecompressedCache {
+  private readonly lru: LRUCache<number, Buffer>;
+  private readonly pending = new Map<number, Promise<Buffer>>();
+
+  constructor(maxBytes: number) {
+    this.lru = new LRUCache<number, Buffer>({ maxSize: Math.max(maxBytes, 1), sizeCalculation: (b) => b.length });
+  }
+
+  /** The cached cluster for chunk `hostOffset`, if any (no load). */
+  peek(hostOffset: number): Buffer | undefined {
+    return this.lru.get(hostOffset);
+  }
+
+  /** The decompressed cluster for chunk `hostOffset`, loading it with `load` once. */
+  async get(hostOffset: number, load: () => Promise<Buffer>): Promise<Buffer> {
+    const hit = this.lru.get(hostOffset);
+    if (hit) return hit;
+    let p = this.pending.get(hostOffset);
+    if (!p) {
+      p = load().finally(() => this.pending.delete(hostOffset));
+      this.pending.set(hostOffset, p);
+      const cluster = await p;
+      if (this.pending.get(hostOffset) === undefined) this.lru.set(hostOffset, cluster);
+      return cluster;
+    }
+    return p;
+  }
+
+  /** Forget chunks that start in [hostOffset, +bytes) (their clusters were freed or rewritten). */
+  invalidate(hostOffset: number, bytes: number): void {
+    for (const key of this.lru.keys()) if (key >= hostOffset && key < hostOffset + bytes) this.lru.delete(key);
+  }
+
+  clear(): void {
+    this.lru.clear();
+  }
+}
