@@ -15,7 +15,7 @@ if (imagePath === undefined) {
 const image = await openImage(imagePath);
 try {
   const g = image.geometry;
-  process.stdout.write(`${imagePath}: qcow2 v${image.header.version}, ${image.virtualSize} bytes virtual, ` +
+  process.stdout.write(`${imagePath}: qcow2 v${image.version}, ${image.virtualSize} bytes virtual, ` +
     `${g.clusterSize}-byte clusters, ${g.refcountBits}-bit refcounts, ${image.snapshots.length} snapshot(s)\n`);
   const report = await checkImage(image, {});
   process.stdout.write(`check: ${JSON.stringify(report)}\n`);

@@ -19,11 +19,12 @@ import type { CheckReport } from '../engine/block-device.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAX_L1_SIZE_BYTES, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOT_EXTRA_DATA, SNAPSHOT_HEADER_BYTES } from '../format/constants.js';
 import { CodedError } from '../format/errors.js';
 import { withBit } from '../format/header.js';
-import type { Qcow2Image } from '../engine/image.js';
+import { imageState, type Qcow2Image } from '../engine/image.js';
+import type { ImageState } from '../engine/state.js';
 import { clusterKind, decodeCompressed, entryOffset, l2HostOffset, readL2Entry, writeL2Entry, type RawL2Entry } from '../format/l2-entry.js';
 import { getRefcount } from '../format/refcount-block.js';
 import {
-  CheckAbortError, ERRNO_TEXT, RefcountArray, overlapsMetadata, rebuildRefcountStructure, reregisterMetadata, writeSnapshotTable,
+  CheckAbortError, ERRNO_TEXT, RefcountArray, overlapsMetadata, rebuildRefcountStructure, writeSnapshotTable,
   type CheckAbortCode,
 } from './repair.js';
 import { readU64, toSafeNumber } from '../format/safe-int.js';
@@ -197,7 +198,7 @@ function repeatedTables(l1: Buffer, entries: number): Set<number> | undefined {
 
 /** One pass of QEMU's qcow2_co_check_locked over an image. */
 class Checker {
-  private readonly image: Qcow2Image;
+  private readonly image: ImageState;
   private readonly fix: FixMode;
   private readonly log: (line: string) => void;
   /** Whether anyone listens to the diagnostics (they are not even formatted otherwise). */
@@ -217,7 +218,7 @@ class Checker {
   /** Set while the walk of an L2 table is recorded for replay. */
   private recording: L2WalkRecording | undefined;
 
-  constructor(image: Qcow2Image, fix: FixMode, log: ((line: string) => void) | undefined, onProgress?: (done: number, total: number) => void) {
+  constructor(image: ImageState, fix: FixMode, log: ((line: string) => void) | undefined, onProgress?: (done: number, total: number) => void) {
     this.image = image;
     this.fix = fix;
     this.verbose = log !== undefined;
@@ -408,7 +409,7 @@ class Checker {
         if (this.verbose) this.log(`ERROR failed to update the snapshot count in the image header: ${err instanceof Error ? err.message : String(err)}`);
         throw new CheckAbortError('EIO', ERRNO_TEXT.EIO);
       }
-      this.image.header = { ...this.image.header, nbSnapshots };
+      this.image.setHeader({ ...this.image.header, nbSnapshots });
       res.corruptionsFixed += reduced;
       res.corruptions -= reduced;
     }
@@ -1126,7 +1127,7 @@ function bitmapTableEntryValid(entry: bigint, clusterSize: number): boolean {
 }
 
 /** Write back the image's table caches so the check reads from the file what the image holds. */
-async function writeBackCaches(image: Qcow2Image): Promise<void> {
+async function writeBackCaches(image: ImageState): Promise<void> {
   if (image.file.readOnly) return;
   await image.l2Cache.flush();
   await image.refcountCache.flush();
@@ -1139,7 +1140,7 @@ async function writeBackCaches(image: Qcow2Image): Promise<void> {
  * cleared. The caller holds the image's metadata lock. Throws CheckFailedError when the check could
  * not run to its end.
  */
-export async function checkPassLocked(image: Qcow2Image, fix: FixMode, log?: (line: string) => void, onProgress?: (done: number, total: number) => void): Promise<CheckCounters> {
+export async function checkPassLocked(image: ImageState, fix: FixMode, log?: (line: string) => void, onProgress?: (done: number, total: number) => void): Promise<CheckCounters> {
   const result = zeroCounters();
   const snapshotRes = zeroCounters();
   const refcountRes = zeroCounters();
@@ -1184,21 +1185,20 @@ export async function checkPassLocked(image: Qcow2Image, fix: FixMode, log?: (li
     const snapshots = checker.snapshotEntries();
     const loaded = snapshots !== undefined && (repairing || (image.snapshots.length === 0 && snapshots.entries.length > 0));
     if (loaded) {
-      image.snapshots = snapshots.entries;
-      image.snapshotTableBytes = snapshots.tableBytes;
+      image.setSnapshotTable(snapshots.entries, snapshots.tableBytes);
     }
     if (repairing) {
       await writeBackCaches(image).catch(() => undefined);
       image.l2Cache.invalidateClean();
       image.refcountCache.invalidateClean();
     }
-    if (loaded || repairing || checker.changedLayout) reregisterMetadata(image);
+    if (loaded || repairing || checker.changedLayout) image.registerMetadata();
   }
   return result;
 }
 
 /** QEMU's qcow2_mark_clean + qcow2_mark_consistent: clear the dirty and corrupt bits. */
-async function markCleanAndConsistent(image: Qcow2Image): Promise<void> {
+async function markCleanAndConsistent(image: ImageState): Promise<void> {
   const bits = image.header.incompatibleFeatures;
   const cleared = withBit(withBit(bits, INCOMPAT_DIRTY, false), INCOMPAT_CORRUPT, false);
   if (cleared !== bits) await image.updateHeader({ incompatibleFeatures: cleared });
@@ -1208,7 +1208,7 @@ async function markCleanAndConsistent(image: Qcow2Image): Promise<void> {
  * The report qemu-img prints (collect_image_check): check-errors always, other counts when non-zero;
  * keys in the order qemu-img's JSON lists them (its QDict hash buckets), so JSON.stringify matches.
  */
-function toReport(image: Qcow2Image, c: CheckCounters): CheckResult {
+function toReport(image: ImageState, c: CheckCounters): CheckResult {
   const optional = (value: number): number | undefined => (value !== 0 ? value : undefined);
   const ordered: CheckResult = {
     'image-end-offset': optional(c.imageEndOffset),
@@ -1234,7 +1234,8 @@ function toReport(image: Qcow2Image, c: CheckCounters): CheckResult {
  * numbers fixed. Throws CheckFailedError when the check could not run to its end (qemu-img prints
  * no report then and exits 1), EROFS when a repair is asked of a read-only image.
  */
-export async function checkImage(image: Qcow2Image, options: CheckOptions = {}): Promise<CheckResult> {
+export async function checkImage(qcow2: Qcow2Image, options: CheckOptions = {}): Promise<CheckResult> {
+  const image = imageState(qcow2);
   const fix: FixMode = { leaks: options.repair !== undefined, errors: options.repair === 'all' };
   if ((fix.leaks || fix.errors) && image.readOnly) {
     throw new CodedError('EROFS', `${image.path}: cannot repair an image opened read-only`, { image: image.path });

@@ -19,7 +19,9 @@ import type { HostFile } from '../../io/host-file.js';
 import { allocAligned, DEFAULT_ALIGNMENT_BYTES } from '../../io/aligned-buffer.js';
 import { CodedError } from '../format/errors.js';
 import { decodeHeader } from '../format/header.js';
-import type { Qcow2Image } from '../engine/image.js';
+import { imageState, Qcow2Image } from '../engine/image.js';
+import type { Qcow2OpenOptions } from '../engine/options.js';
+import type { ImageState } from '../engine/state.js';
 import type { MetadataKind } from '../engine/overlap.js';
 import { encodeReftableEntry, setRefcount } from '../format/refcount-block.js';
 import type { SnapshotEntry } from '../format/snapshot-table.js';
@@ -105,7 +107,7 @@ export class RefcountArray {
  * QEMU's pre-write overlap check for repair writes: true (and the image marked corrupt, as QEMU
  * does) when [hostOffset, +bytes) overlaps live metadata other than `allowed`.
  */
-export function overlapsMetadata(image: Qcow2Image, hostOffset: number, bytes: number, allowed: MetadataKind | undefined, what: string): boolean {
+export function overlapsMetadata(image: ImageState, hostOffset: number, bytes: number, allowed: MetadataKind | undefined, what: string): boolean {
   const hit = image.metadata.overlaps(hostOffset, bytes, allowed);
   if (!hit) return false;
   try {
@@ -117,7 +119,7 @@ export function overlapsMetadata(image: Qcow2Image, hostOffset: number, bytes: n
   return true;
 }
 
-function assertNoOverlap(image: Qcow2Image, hostOffset: number, bytes: number, what: string): void {
+function assertNoOverlap(image: ImageState, hostOffset: number, bytes: number, what: string): void {
   if (overlapsMetadata(image, hostOffset, bytes, undefined, what)) {
     throw new CheckAbortError('EIO', `ERROR writing ${what}: ${ERRNO_TEXT.EIO}`);
   }
@@ -154,7 +156,7 @@ function allocClustersImrt(refs: RefcountArray, count: number, firstFree: { inde
  * refcount, make sure its refcount block exists (allocated in `refs`) and write the block as the
  * matching slice of `refs`. Returns true when `reftable` had to grow.
  */
-async function writeRefblocks(image: Qcow2Image, refs: RefcountArray, firstCluster: number, endCluster: number, reftable: number[]): Promise<boolean> {
+async function writeRefblocks(image: ImageState, refs: RefcountArray, firstCluster: number, endCluster: number, reftable: number[]): Promise<boolean> {
   const g = image.geometry;
   const firstFree = { index: 0 };
   let grown = false;
@@ -196,7 +198,7 @@ async function writeRefblocks(image: Qcow2Image, refs: RefcountArray, firstClust
  * New refcount blocks and the new table go into clusters free in `refs` (which records them); the
  * header is switched last. The old structures are not freed here: they are leaks now.
  */
-export async function rebuildRefcountStructure(image: Qcow2Image, refs: RefcountArray): Promise<void> {
+export async function rebuildRefcountStructure(image: ImageState, refs: RefcountArray): Promise<void> {
   const g = image.geometry;
   await image.refcountCache.flush();
   image.refcountCache.invalidateClean();
@@ -221,7 +223,7 @@ export async function rebuildRefcountStructure(image: Qcow2Image, refs: Refcount
   await image.file.fdatasync();
   await image.file.pwrite(pointer, HEADER_REFTABLE_OFFSET_POS, 'header');
   await image.file.fdatasync();
-  image.header = { ...image.header, refcountTableOffset: reftableOffset, refcountTableClusters: reftableClusters };
+  image.setHeader({ ...image.header, refcountTableOffset: reftableOffset, refcountTableClusters: reftableClusters });
   await image.refcounts.load(reftableOffset, reftableClusters);
 }
 
@@ -229,7 +231,7 @@ export async function rebuildRefcountStructure(image: Qcow2Image, refs: Refcount
  * Write `entries` as a new snapshot table (QEMU's qcow2_write_snapshots): allocate, write, sync,
  * switch the header (nb_snapshots and snapshots_offset), then free the old table.
  */
-export async function writeSnapshotTable(image: Qcow2Image, entries: SnapshotEntry[], oldOffset: number, oldBytes: number, log: (line: string) => void): Promise<void> {
+export async function writeSnapshotTable(image: ImageState, entries: SnapshotEntry[], oldOffset: number, oldBytes: number, log: (line: string) => void): Promise<void> {
   const g = image.geometry;
   const table = encodeSnapshotTable(entries);
   let tableOffset = 0;
@@ -245,32 +247,13 @@ export async function writeSnapshotTable(image: Qcow2Image, entries: SnapshotEnt
   writeU64(pointer, 4, tableOffset);
   await image.file.pwrite(pointer, HEADER_NB_SNAPSHOTS_POS, 'header');
   await image.file.fdatasync();
-  image.header = { ...image.header, nbSnapshots: entries.length, snapshotsOffset: tableOffset };
-  image.snapshots = entries;
-  image.snapshotTableBytes = table.length;
+  image.setHeader({ ...image.header, nbSnapshots: entries.length, snapshotsOffset: tableOffset });
+  image.setSnapshotTable(entries, table.length);
   if (oldBytes > 0) {
     try {
       await image.refcounts.freeClusters(oldOffset, oldBytes);
     } catch (err) {
       log(`qcow2_free_clusters failed: ${err instanceof Error ? err.message : String(err)}`);
-    }
-  }
-}
-
-/** Rebuild the metadata-region map from the image's current structures (as a fresh open registers them). */
-export function reregisterMetadata(image: Qcow2Image): void {
-  const g = image.geometry;
-  const map = image.metadata;
-  map.clear();
-  map.add('header', 0, g.clusterSize);
-  map.add('reftable', image.refcounts.reftableOffset, image.refcounts.reftableClusters * g.clusterSize);
-  for (const block of image.refcounts.reftable) if (block > 0) map.add('refblock', block, g.clusterSize);
-  image.activeMap.registerMetadata('l1');
-  if (image.snapshots.length > 0) {
-    if (Number.isSafeInteger(image.header.snapshotsOffset)) map.add('snapshot-table', image.header.snapshotsOffset, image.snapshotTableBytes);
-    for (const s of image.snapshots) {
-      // A corrupt snapshot L1 (past 2^53, oversized) is not registered: its range could be unbounded.
-      if (Number.isSafeInteger(s.l1TableOffset) && s.l1Entries <= g.maxL1Entries) map.add('snapshot-l1', s.l1TableOffset, Math.max(s.l1Entries * 8, 1));
     }
   }
 }
@@ -394,18 +377,17 @@ export class StagingFile implements HostFile {
  * and marked corrupt — and the open fails with EIO. On success the image reloads what the repair
  * changed (header, refcount table, L1 COPIED flags, snapshot table).
  */
-export async function repairDirtyImage(image: Qcow2Image): Promise<void> {
+export async function repairDirtyImage(image: ImageState, options: Qcow2OpenOptions): Promise<void> {
   const { checkPassLocked } = await import('./check.js');
-  const { Qcow2Image: Image } = await import('../engine/image.js');
   const fail = (why: string, cause?: unknown): never => {
     throw new CodedError('EIO', `${image.path}: could not repair dirty image: ${why}; run 'qcow2fuse check -r all'`, { image: image.path }, { cause });
   };
   const message = (err: unknown): string => (err instanceof Error ? err.message : String(err));
   const staging = new StagingFile(image.file, await image.file.size(), image.geometry.clusterSize);
-  const twin = await Image.open(image.path, { readOnly: false, check: true, file: staging, lock: false }).catch((err: unknown) => fail(message(err), err));
+  const twin = await Qcow2Image.open(image.path, { readOnly: false, check: true, file: staging, lock: false, openHostFile: options.openHostFile }).catch((err: unknown) => fail(message(err), err));
   let repaired = false;
   try {
-    const result = await twin.lock.run(() => checkPassLocked(twin, { leaks: true, errors: true, beyondEnd: true })).catch((err: unknown) => fail(message(err), err));
+    const result = await imageState(twin).lock.run(() => checkPassLocked(imageState(twin), { leaks: true, errors: true, beyondEnd: true })).catch((err: unknown) => fail(message(err), err));
     if (result.checkErrors > 0) fail(`${result.checkErrors} check errors`);
     if (twin.readOnly) fail('the repair met fatal corruption');
     await twin.close().catch((err: unknown) => fail(message(err), err));
@@ -421,21 +403,19 @@ export async function repairDirtyImage(image: Qcow2Image): Promise<void> {
 }
 
 /** Re-read what a repair may have changed under an open image (before the image was used). */
-async function reloadAfterRepair(image: Qcow2Image): Promise<void> {
+async function reloadAfterRepair(image: ImageState): Promise<void> {
   const g = image.geometry;
   const fileBytes = await image.file.size();
-  image.header = decodeHeader(await image.readHost(0, Math.min(g.clusterSize, fileBytes)), image.path, fileBytes);
+  image.setHeader(decodeHeader(await image.readHost(0, Math.min(g.clusterSize, fileBytes)), image.path, fileBytes));
   await image.refcounts.load(image.header.refcountTableOffset, image.header.refcountTableClusters);
   const l1 = image.activeMap.l1;
   (await image.readHost(l1.offset, l1.entries * 8)).copy(l1.buf, 0);
-  image.snapshots = [];
-  image.snapshotTableBytes = 0;
+  image.setSnapshotTable([], 0);
   if (image.header.nbSnapshots > 0) {
     const table = await readSnapshotTable((offset, bytes) => image.readHost(offset, bytes), image.header.snapshotsOffset, image.header.nbSnapshots, fileBytes, image.path);
-    image.snapshots = table.entries;
-    image.snapshotTableBytes = table.tableBytes;
+    image.setSnapshotTable(table.entries, table.tableBytes);
   }
   image.l2Cache.invalidateClean();
   image.refcountCache.invalidateClean();
-  reregisterMetadata(image);
+  image.registerMetadata();
 }

@@ -10,14 +10,17 @@
  */
 import type { BlockDevice, SnapshotSummary } from './block-device.js';
 import { ClusterMap, type L1Table } from './cluster-map.js';
+import { readIntoMap } from './read.js';
 import { QCOW_MAX_L1_SIZE_BYTES } from '../format/constants.js';
 import { CodedError, Qcow2FormatError, Qcow2RangeError, Qcow2ReadOnlyError } from '../format/errors.js';
-import type { Qcow2Image } from './image.js';
+import { imageState, type Qcow2Image } from './image.js';
+import type { ImageState } from './state.js';
 import { clusterKind, compressedClusterRange, decodeCompressed, readL2Entry } from '../format/l2-entry.js';
 import type { SnapshotEntry } from '../format/snapshot-table.js';
 
 /** The snapshots of an image, in table order; the size is the guest size recorded at snapshot time. */
-export function listSnapshots(image: Qcow2Image): SnapshotSummary[] {
+export function listSnapshots(qcow2: Qcow2Image): SnapshotSummary[] {
+  const image = imageState(qcow2);
   return image.snapshots.map((s) => ({ id: s.id, name: s.name, virtualSize: s.diskSize ?? image.virtualSize }));
 }
 
@@ -31,8 +34,13 @@ function describeRef(ref: SnapshotRef): string {
 
 /** The snapshot `ref` designates, or undefined. */
 export function findSnapshot(image: Qcow2Image, ref: SnapshotRef): SnapshotEntry | undefined {
-  if (typeof ref !== 'string') return image.snapshots.find((s) => ('id' in ref ? s.id === ref.id : s.name === ref.name));
-  return image.snapshots.find((s) => s.id === ref) ?? image.snapshots.find((s) => s.name === ref);
+  return findSnapshotEntry(imageState(image).snapshots, ref);
+}
+
+/** The entry of `snapshots` that `ref` designates, or undefined. */
+export function findSnapshotEntry(snapshots: readonly SnapshotEntry[], ref: SnapshotRef): SnapshotEntry | undefined {
+  if (typeof ref !== 'string') return snapshots.find((s) => ('id' in ref ? s.id === ref.id : s.name === ref.name));
+  return snapshots.find((s) => s.id === ref) ?? snapshots.find((s) => s.name === ref);
 }
 
 export interface SnapshotViewOptions {
@@ -45,14 +53,14 @@ export interface SnapshotViewOptions {
 
 /** A read-only BlockDevice over one internal snapshot. */
 export class SnapshotView implements BlockDevice {
-  readonly image: Qcow2Image;
+  readonly image: ImageState;
   readonly snapshot: SnapshotEntry;
   readonly map: ClusterMap;
   readonly virtualSize: number;
   readonly readOnly = true;
   private closed = false;
 
-  constructor(image: Qcow2Image, snapshot: SnapshotEntry, map: ClusterMap, virtualSizeBytes: number) {
+  constructor(image: ImageState, snapshot: SnapshotEntry, map: ClusterMap, virtualSizeBytes: number) {
     this.image = image;
     this.snapshot = snapshot;
     this.map = map;
@@ -75,7 +83,7 @@ export class SnapshotView implements BlockDevice {
     if (!Number.isSafeInteger(guestOffset) || guestOffset < 0 || guestOffset + buf.length > this.virtualSize) {
       throw new Qcow2RangeError(this.image.path, `request [${guestOffset}, +${buf.length}) outside snapshot '${this.snapshot.name}' (${this.virtualSize} bytes)`);
     }
-    if (buf.length > 0) await this.image.readIntoMap(this.map, guestOffset, buf, false);
+    if (buf.length > 0) await readIntoMap(this.image, this.map, guestOffset, buf, false);
   }
 
   private refuse(): never {
@@ -131,7 +139,12 @@ export class SnapshotView implements BlockDevice {
  * as QEMU does (size limit, cluster alignment, inside the file) and read once.
  */
 export async function openSnapshotView(image: Qcow2Image, ref: SnapshotRef, options: SnapshotViewOptions = {}): Promise<SnapshotView> {
-  const snapshot = findSnapshot(image, ref);
+  return openSnapshotViewOf(imageState(image), ref, options);
+}
+
+/** openSnapshotView on the image's state (snapshot operations, under the image's drained section). */
+export async function openSnapshotViewOf(image: ImageState, ref: SnapshotRef, options: SnapshotViewOptions = {}): Promise<SnapshotView> {
+  const snapshot = findSnapshotEntry(image.snapshots, ref);
   if (!snapshot) {
     throw new CodedError('ENOENT', `${image.path}: no snapshot with ${describeRef(ref)}`, { image: image.path, snapshot: describeRef(ref) });
   }

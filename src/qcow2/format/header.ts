@@ -23,6 +23,13 @@ import {
 import { Qcow2FormatError, Qcow2UnsupportedError } from './errors.js';
 import { readU64, toSafeNumber, writeU64, hex } from './safe-int.js';
 
+/** Byte offset of each header field (the table above), for code that rewrites one field in place. */
+export const HEADER_FIELD = {
+  magic: 0, version: 4, backingFileOffset: 8, backingFileBytes: 16, clusterBits: 20, virtualSize: 24, cryptMethod: 32,
+  l1Entries: 36, l1TableOffset: 40, refcountTableOffset: 48, refcountTableClusters: 56, nbSnapshots: 60, snapshotsOffset: 64,
+  incompatibleFeatures: 72, compatibleFeatures: 80, autoclearFeatures: 88, refcountOrder: 96, headerLength: 100, compressionType: 104,
+} as const;
+
 export interface FeatureName {
   type: 'incompatible' | 'compatible' | 'autoclear';
   bit: number;

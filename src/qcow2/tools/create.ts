@@ -12,7 +12,7 @@ import {
 } from '../format/constants.js';
 import { CodedError } from '../format/errors.js';
 import { encodeHeader, STANDARD_FEATURE_NAMES, withBit, type Qcow2Header } from '../format/header.js';
-import { Qcow2Image } from '../engine/image.js';
+import { imageState, Qcow2Image } from '../engine/image.js';
 import { makeNormalEntry, writeL2Entry } from '../format/l2-entry.js';
 import { setRefcount } from '../format/refcount-block.js';
 import { encodeReftableEntry } from '../format/refcount-block.js';
@@ -142,7 +142,8 @@ export async function createImage(path: string, options: CreateOptions): Promise
  * reserve (falloc) or write (full) the data area — each run before the L2 entries that point at it
  * are linked, so a failure leaves leaks, never entries pointing past the end of the file.
  */
-async function preallocate(image: Qcow2Image, mode: Exclude<Preallocation, 'off'>): Promise<void> {
+async function preallocate(qcow2: Qcow2Image, mode: Exclude<Preallocation, 'off'>): Promise<void> {
+  const image = imageState(qcow2);
   const g = image.geometry;
   const nbClusters = g.sizeToClusters(image.virtualSize);
   const target: HostFile = image.dataFile;
@@ -174,5 +175,5 @@ async function preallocate(image: Qcow2Image, mode: Exclude<Preallocation, 'off'
     });
   }
   if (mode === 'metadata' && end > await target.size()) await target.truncate(end);
-  await image.flush();
+  await qcow2.flush();
 }

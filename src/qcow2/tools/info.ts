@@ -14,7 +14,8 @@ import type { HostAllocationProbe } from '../../io/host-allocation.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2 } from '../format/constants.js';
 import { Qcow2CorruptError } from '../format/errors.js';
 import { hasBit, isCorrupt, isDirty } from '../format/header.js';
-import type { Qcow2Image } from '../engine/image.js';
+import { imageState, type Qcow2Image } from '../engine/image.js';
+import type { ImageState } from '../engine/state.js';
 import { pathCombine } from './map.js';
 import { readU64, toSafeNumber } from '../format/safe-int.js';
 
@@ -52,7 +53,7 @@ const BITMAP_ENTRY_FIXED_BYTES = 24;
 const MAX_BITMAP_DIRECTORY_BYTES = 64 * 1024 * 1024;
 
 /** The persistent dirty bitmaps of the image (qcow2_get_bitmap_info_list), or undefined when none. */
-async function bitmapInfo(image: Qcow2Image): Promise<Record<string, unknown>[] | undefined> {
+async function bitmapInfo(image: ImageState): Promise<Record<string, unknown>[] | undefined> {
   const ext = image.header.bitmaps;
   if (!ext || ext.nbBitmaps === 0) return undefined;
   const where = { image: image.path, structure: 'bitmap-directory', hostOffset: ext.directoryOffset };
@@ -86,7 +87,7 @@ async function bitmapInfo(image: Qcow2Image): Promise<Record<string, unknown>[] 
 }
 
 /** ImageInfoSpecificQCow2 (qcow2_get_specific_info). */
-async function formatSpecific(image: Qcow2Image): Promise<Record<string, unknown>> {
+async function formatSpecific(image: ImageState): Promise<Record<string, unknown>> {
   const h = image.header;
   const data: [string, unknown][] = [];
   if (h.version === 2) {
@@ -108,7 +109,7 @@ async function formatSpecific(image: Qcow2Image): Promise<Record<string, unknown
 }
 
 /** The snapshot list (bdrv_query_snapshot_info_list), or undefined when there is none. */
-function snapshotInfo(image: Qcow2Image): Record<string, unknown>[] | undefined {
+function snapshotInfo(image: ImageState): Record<string, unknown>[] | undefined {
   if (image.snapshots.length === 0) return undefined;
   return image.snapshots.map((s) => qemuDictOrder([
     ['id', s.id],
@@ -127,7 +128,8 @@ function snapshotInfo(image: Qcow2Image): Record<string, unknown>[] | undefined 
  * ("filename" and "full-backing-filename" are built from that path, as qemu-img builds them from
  * the name it was given).
  */
-export async function imageInfo(image: Qcow2Image, options: InfoOptions = {}): Promise<Record<string, unknown>> {
+export async function imageInfo(qcow2: Qcow2Image, options: InfoOptions = {}): Promise<Record<string, unknown>> {
+  const image = imageState(qcow2);
   const h = image.header;
   const actualSize = options.probe ? await options.probe.allocatedBytes(image.file.path) : undefined;
   return qemuDictOrder([

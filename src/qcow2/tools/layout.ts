@@ -12,7 +12,8 @@
  */
 import type { LayoutEntry } from '../engine/block-device.js';
 import { nextNonZeroEntry } from '../check/check.js';
-import type { Qcow2Image } from '../engine/image.js';
+import { imageState, type Qcow2Image } from '../engine/image.js';
+import type { ImageState } from '../engine/state.js';
 import { clusterKind, compressedClusterRange, decodeCompressed, entryOffset, l2HostOffset, readL2Entry } from '../format/l2-entry.js';
 import { getRefcount } from '../format/refcount-block.js';
 
@@ -88,7 +89,7 @@ class Window {
   }
 }
 
-async function readStructures(image: Qcow2Image): Promise<Structures> {
+async function readStructures(image: ImageState): Promise<Structures> {
   return image.lock.run(async () => {
     if (!image.file.readOnly) {
       await image.l2Cache.flush();
@@ -113,7 +114,7 @@ async function readStructures(image: Qcow2Image): Promise<Structures> {
 }
 
 /** Host bytes of the image file, zeros past its end or at offsets that cannot be read. */
-async function readHost(image: Qcow2Image, fileBytes: number, hostOffset: number, bytes: number): Promise<Buffer> {
+async function readHost(image: ImageState, fileBytes: number, hostOffset: number, bytes: number): Promise<Buffer> {
   const buf = Buffer.alloc(bytes);
   if (!Number.isSafeInteger(hostOffset) || hostOffset < 0 || hostOffset >= fileBytes) return buf;
   const inFile = Math.min(bytes, fileBytes - hostOffset);
@@ -143,7 +144,7 @@ function l2Tables(l1: Buffer, entries: number, clusterSize: number, fileBytes: n
  * Classify the data and compressed clusters one L2 table refers to. `chunksSeen` (when snapshots
  * share chunks with the active table) makes each compressed chunk count once.
  */
-function markL2Entries(image: Qcow2Image, w: Window, table: Buffer, firstGuest: number, snapshot: boolean, chunksSeen: Set<number> | undefined): void {
+function markL2Entries(image: ImageState, w: Window, table: Buffer, firstGuest: number, snapshot: boolean, chunksSeen: Set<number> | undefined): void {
   const g = image.geometry;
   for (let j = nextNonZeroEntry(table, 0, g.l2EntryBytes, g.l2Entries); j < g.l2Entries; j = nextNonZeroEntry(table, j + 1, g.l2EntryBytes, g.l2Entries)) {
     const e = readL2Entry(table, j, g);
@@ -165,7 +166,8 @@ function markL2Entries(image: Qcow2Image, w: Window, table: Buffer, firstGuest: 
 }
 
 /** Every host cluster of the image file, in host order, as merged runs. */
-export async function* layout(image: Qcow2Image, options: LayoutOptions = {}): AsyncIterable<LayoutEntry> {
+export async function* layout(qcow2: Qcow2Image, options: LayoutOptions = {}): AsyncIterable<LayoutEntry> {
+  const image = imageState(qcow2);
   const g = image.geometry;
   const cs = g.clusterSize;
   const s = await readStructures(image);
@@ -219,7 +221,7 @@ export async function* layout(image: Qcow2Image, options: LayoutOptions = {}): A
 }
 
 /** On-disk refcounts of the window's clusters (read through the image's refcount cache). */
-async function windowRefcounts(image: Qcow2Image, s: Structures, w: Window): Promise<Float64Array> {
+async function windowRefcounts(image: ImageState, s: Structures, w: Window): Promise<Float64Array> {
   const g = image.geometry;
   const out = new Float64Array(w.count);
   const firstBlock = g.reftableIndex(w.first);

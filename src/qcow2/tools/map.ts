@@ -25,7 +25,8 @@ import type { RawBacking } from '../engine/backing.js';
 import type { MapExtent } from '../engine/block-device.js';
 import type { ClusterMap } from '../engine/cluster-map.js';
 import type { Geometry } from '../format/geometry.js';
-import type { Qcow2Image } from '../engine/image.js';
+import { imageState, type Qcow2Image } from '../engine/image.js';
+import type { ImageState } from '../engine/state.js';
 import { clusterKind, decodeCompressed, entryHex, l2HostOffset, readL2Entry, type RawL2Entry } from '../format/l2-entry.js';
 
 /** One extent with the name of the file its offset refers to (qemu-img map's human "File" column). */
@@ -59,7 +60,7 @@ type SubclusterType = 'normal' | 'compressed' | 'zero-plain' | 'zero-alloc' | 'u
 
 interface Qcow2Layer {
   kind: 'qcow2';
-  image: Qcow2Image;
+  image: ImageState;
   map: ClusterMap;
   /** Guest bytes the layer covers. */
   lengthBytes: number;
@@ -101,9 +102,9 @@ function sectorAligned(bytes: number): number {
   return Math.ceil(bytes / 512) * 512;
 }
 
-function chainLayers(image: Qcow2Image, topMap: ClusterMap | undefined): Layer[] {
+function chainLayers(image: ImageState, topMap: ClusterMap | undefined): Layer[] {
   const layers: Layer[] = [];
-  let current: Qcow2Image | undefined = image;
+  let current: ImageState | undefined = image;
   let name = image.path;
   let map = topMap ?? image.activeMap;
   while (current) {
@@ -119,7 +120,7 @@ function chainLayers(image: Qcow2Image, topMap: ClusterMap | undefined): Layer[]
       layers.push({ kind: 'raw', path: backing.path, name, lengthBytes: sectorAligned((backing as RawBacking).virtualSize) });
       break;
     }
-    current = backing as Qcow2Image;
+    current = imageState(backing as Qcow2Image);
     map = current.activeMap;
   }
   return layers;
@@ -232,7 +233,7 @@ async function qcow2HostOffset(layer: Qcow2Layer, guestOffset: number, bytes: nu
  * qcow2_detect_metadata_preallocation: true when at least max(10/9 × allocated, allocated + 2)
  * clusters of the image file have a refcount, "allocated" being the host blocks the file really has.
  */
-async function detectMetadataPreallocation(image: Qcow2Image, probe: HostAllocationProbe | undefined): Promise<boolean> {
+async function detectMetadataPreallocation(image: ImageState, probe: HostAllocationProbe | undefined): Promise<boolean> {
   if (!probe) return false;
   const path = image.file.path;
   const allocated = await probe.allocatedBytes(path);
@@ -361,7 +362,8 @@ function mergeable(curr: MapEntry, next: MapEntry): boolean {
  * The extents of `qemu-img map` for the whole image, streamed in guest order. An empty image gives
  * one zero-length extent, as qemu-img prints it.
  */
-export async function* mapEntries(image: Qcow2Image, options: MapOptions = {}): AsyncGenerator<MapEntry> {
+export async function* mapEntries(qcow2: Qcow2Image, options: MapOptions = {}): AsyncGenerator<MapEntry> {
+  const image = imageState(qcow2);
   const ctx: WalkContext = { layers: chainLayers(image, options.topMap), probe: options.probe };
   const lengthBytes = image.virtualSize;
   let curr: MapEntry = { start: 0, length: 0, depth: 0, present: false, zero: false, data: false, compressed: false };

@@ -26,10 +26,12 @@ import debugFactory from 'debug';
 import { ClusterMap, type L1Table } from '../engine/cluster-map.js';
 import { HI_COPIED, QCOW_MAX_SNAPSHOTS } from '../format/constants.js';
 import { CodedError, Qcow2CorruptError, Qcow2UnsupportedError } from '../format/errors.js';
-import type { Qcow2Image } from '../engine/image.js';
+import { imageState, type Qcow2Image } from '../engine/image.js';
+import type { ImageState } from '../engine/state.js';
 import { clusterKind, decodeCompressed, decodeL1Entry, encodeL1Entry, isCopied, l2HostOffset, readL2Entry, writeL2Entry, type RawL2Entry } from '../format/l2-entry.js';
 import { writeSnapshotTable } from '../check/repair.js';
-import { findSnapshot, openSnapshotView, type SnapshotView } from '../engine/snapshot.js';
+import { runDrained } from '../engine/lifecycle.js';
+import { findSnapshotEntry, openSnapshotViewOf, type SnapshotView } from '../engine/snapshot.js';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-table.js';
 
 const trace = debugFactory('qcow2fuse:snapshot');
@@ -46,8 +48,9 @@ const ULONG_RANGE = 2n ** 64n;
  * numeric id + 1), the time now, no VM state, the current virtual size, icount 0 (qemu-img 7.2
  * leaves it zeroed). Names need not be unique. Returns the new table entry.
  */
-export async function createSnapshot(image: Qcow2Image, name: string): Promise<SnapshotEntry> {
-  return image.runDrained(async () => {
+export async function createSnapshot(qcow2: Qcow2Image, name: string): Promise<SnapshotEntry> {
+  const image = imageState(qcow2);
+  return runDrained(image, async () => {
     refuseDataFile(image, 'create');
     if (image.snapshots.length >= QCOW_MAX_SNAPSHOTS) {
       throw new CodedError('EFBIG', `${image.path}: too many snapshots (QEMU's limit is ${QCOW_MAX_SNAPSHOTS})`, { image: image.path });
@@ -102,9 +105,10 @@ export async function createSnapshot(image: Qcow2Image, name: string): Promise<S
  * up first). Its clusters lose a reference (freed at zero); active entries left with refcount 1
  * get COPIED back. Returns the removed entry.
  */
-export async function deleteSnapshot(image: Qcow2Image, ref: string): Promise<SnapshotEntry> {
-  return image.runDrained(async () => {
-    const target = findSnapshot(image, { name: ref }) ?? findSnapshot(image, { id: ref });
+export async function deleteSnapshot(qcow2: Qcow2Image, ref: string): Promise<SnapshotEntry> {
+  const image = imageState(qcow2);
+  return runDrained(image, async () => {
+    const target = findSnapshotEntry(image.snapshots, { name: ref }) ?? findSnapshotEntry(image.snapshots, { id: ref });
     if (!target) throw new CodedError('ENOENT', `${image.path}: snapshot not found`, { image: image.path, snapshot: ref });
     refuseDataFile(image, 'delete');
     const view = await openTargetView(image, target);
@@ -127,10 +131,11 @@ export async function deleteSnapshot(image: Qcow2Image, ref: string): Promise<Sn
  * Revert the active layer to the snapshot with id `ref`, or else named `ref` (qemu-img snapshot -a,
  * QEMU's qcow2_snapshot_goto), including the virtual size it recorded. The snapshot stays. Returns it.
  */
-export async function applySnapshot(image: Qcow2Image, ref: string): Promise<SnapshotEntry> {
-  return image.runDrained(async () => {
+export async function applySnapshot(qcow2: Qcow2Image, ref: string): Promise<SnapshotEntry> {
+  const image = imageState(qcow2);
+  return runDrained(image, async () => {
     refuseDataFile(image, 'apply');
-    const target = findSnapshot(image, ref);
+    const target = findSnapshotEntry(image.snapshots, ref);
     if (!target) throw new CodedError('ENOENT', `${image.path}: no snapshot with id or name '${ref}'`, { image: image.path, snapshot: ref });
     const newVirtualSize = target.diskSize ?? image.virtualSize;
     if (newVirtualSize !== image.virtualSize && image.header.version < 3) {
@@ -165,15 +170,15 @@ export async function applySnapshot(image: Qcow2Image, ref: string): Promise<Sna
 }
 
 /** QEMU refuses snapshot changes on images with an external data file (its clusters have no refcounts). */
-function refuseDataFile(image: Qcow2Image, what: 'create' | 'delete' | 'apply'): void {
+function refuseDataFile(image: ImageState, what: 'create' | 'delete' | 'apply'): void {
   if (image.hasDataFile) {
     throw new Qcow2UnsupportedError('ENOTSUP', `cannot ${what} internal snapshots of an image with an external data file`, { image: image.path });
   }
 }
 
 /** A read view of `target`'s tables (its L1 validated as QEMU does); refuses duplicate ids, which would make the lookup ambiguous. */
-async function openTargetView(image: Qcow2Image, target: SnapshotEntry): Promise<SnapshotView> {
-  const view = await openSnapshotView(image, { id: target.id });
+async function openTargetView(image: ImageState, target: SnapshotEntry): Promise<SnapshotView> {
+  const view = await openSnapshotViewOf(image, { id: target.id });
   if (view.snapshot !== target) {
     await view.close();
     throw new CodedError('EINVAL', `${image.path}: snapshot id '${target.id}' is not unique`, { image: image.path, snapshot: target.id });
@@ -205,11 +210,11 @@ function truncateName(name: string): string {
 }
 
 /** The current entries with a disk size on each (QEMU gives entries without one the current size when it reads them). */
-function withDiskSizes(image: Qcow2Image): SnapshotEntry[] {
+function withDiskSizes(image: ImageState): SnapshotEntry[] {
   return image.snapshots.map((s) => (s.diskSize === undefined ? { ...s, diskSize: image.virtualSize } : s));
 }
 
-function checkTableSize(image: Qcow2Image, entries: SnapshotEntry[]): void {
+function checkTableSize(image: ImageState, entries: SnapshotEntry[]): void {
   const bytes = encodeSnapshotTable(entries).length;
   if (bytes > MAX_SNAPSHOT_TABLE_BYTES) {
     throw new CodedError('EFBIG', `${image.path}: the snapshot table would take ${bytes} bytes (QEMU's limit is ${MAX_SNAPSHOT_TABLE_BYTES})`, { image: image.path });
@@ -220,21 +225,21 @@ function checkTableSize(image: Qcow2Image, entries: SnapshotEntry[]): void {
  * Write `entries` as the new snapshot table (repair.ts's writeSnapshotTable: new table synced, header
  * switched, old table freed) after every table change made so far is durable.
  */
-async function replaceSnapshotTable(image: Qcow2Image, entries: SnapshotEntry[]): Promise<void> {
+async function replaceSnapshotTable(image: ImageState, entries: SnapshotEntry[]): Promise<void> {
   await syncTables(image);
   await writeSnapshotTable(image, entries, image.header.snapshotsOffset, image.snapshotTableBytes, (line) => trace('%s: %s', image.path, line));
   if (entries.length > 0) image.metadata.add('snapshot-table', image.header.snapshotsOffset, image.snapshotTableBytes);
 }
 
 /** Every table change so far durable: L2 and refcount caches written back (in their dependency order), then fdatasync. */
-async function syncTables(image: Qcow2Image): Promise<void> {
+async function syncTables(image: ImageState): Promise<void> {
   await image.l2Cache.flush();
   await image.refcountCache.flush();
   await image.file.fdatasync();
 }
 
 /** Overwrite the active L1 table on disk with `table` (its size), synced. */
-async function writeL1(image: Qcow2Image, table: Buffer): Promise<void> {
+async function writeL1(image: ImageState, table: Buffer): Promise<void> {
   if (table.length === 0) return;
   const offset = image.activeMap.l1.offset;
   image.activeMap.assertNoOverlap(offset, table.length, 'l1');
@@ -248,7 +253,7 @@ async function writeL1(image: Qcow2Image, table: Buffer): Promise<void> {
  * chunks), then the table itself. Stops after `limit` visits; returns the number made. A slice is
  * released before its references are visited (a visit may free the table).
  */
-async function forEachReference(image: Qcow2Image, map: ClusterMap, visit: (hostOffset: number, bytes: number) => Promise<void>, limit = Number.POSITIVE_INFINITY): Promise<number> {
+async function forEachReference(image: ImageState, map: ClusterMap, visit: (hostOffset: number, bytes: number) => Promise<void>, limit = Number.POSITIVE_INFINITY): Promise<number> {
   const g = image.geometry;
   let visited = 0;
   for (let l1Index = 0; l1Index < map.l1.entries; l1Index++) {
@@ -269,7 +274,7 @@ async function forEachReference(image: Qcow2Image, map: ClusterMap, visit: (host
 }
 
 /** The host ranges the entries of one L2 slice reference, as [hostOffset, bytes] pairs. */
-async function sliceReferences(image: Qcow2Image, l2Offset: number, slice: number): Promise<[number, number][]> {
+async function sliceReferences(image: ImageState, l2Offset: number, slice: number): Promise<[number, number][]> {
   const g = image.geometry;
   const h = await image.l2Cache.get(l2Offset + slice * g.l2SliceBytes);
   try {
@@ -301,7 +306,7 @@ async function sliceReferences(image: Qcow2Image, l2Offset: number, slice: numbe
  * refuses the operation (EINVAL, as QEMU's update_refcount) — either way the increments already
  * made are undone first (back to values ≥ 1: nothing is freed), so a refusal changes nothing.
  */
-async function addReferences(image: Qcow2Image, map: ClusterMap): Promise<void> {
+async function addReferences(image: ImageState, map: ClusterMap): Promise<void> {
   let done = 0;
   try {
     await forEachReference(image, map, async (hostOffset, bytes) => {
@@ -316,7 +321,7 @@ async function addReferences(image: Qcow2Image, map: ClusterMap): Promise<void> 
   }
 }
 
-async function checkIncrement(image: Qcow2Image, hostOffset: number, bytes: number): Promise<void> {
+async function checkIncrement(image: ImageState, hostOffset: number, bytes: number): Promise<void> {
   const g = image.geometry;
   for (let cluster = g.clusterIndex(hostOffset); cluster <= g.clusterIndex(hostOffset + bytes - 1); cluster++) {
     const refcount = await image.refcounts.getRefcount(cluster);
@@ -339,7 +344,7 @@ function withCopied(e: RawL2Entry, copied: boolean): RawL2Entry {
  * Set COPIED on every entry of the L2 table at `l2Offset` to what `want` says (slice by slice through
  * the L2 cache; only changed slices are marked dirty).
  */
-async function setCopiedInL2(image: Qcow2Image, l2Offset: number, want: (e: RawL2Entry) => boolean | Promise<boolean>): Promise<void> {
+async function setCopiedInL2(image: ImageState, l2Offset: number, want: (e: RawL2Entry) => boolean | Promise<boolean>): Promise<void> {
   const g = image.geometry;
   for (let slice = 0; slice < g.l2Entries / g.l2SliceEntries; slice++) {
     const h = await image.l2Cache.get(l2Offset + slice * g.l2SliceBytes);
@@ -360,7 +365,7 @@ async function setCopiedInL2(image: Qcow2Image, l2Offset: number, want: (e: RawL
 }
 
 /** Clear COPIED in every entry of the L2 tables `map`'s L1 points to (after their refcounts were raised). */
-async function clearCopiedInL2(image: Qcow2Image, map: ClusterMap): Promise<void> {
+async function clearCopiedInL2(image: ImageState, map: ClusterMap): Promise<void> {
   for (let l1Index = 0; l1Index < map.l1.entries; l1Index++) {
     const { l2Offset } = map.l2TableOffset(l1Index);
     if (l2Offset !== 0) await setCopiedInL2(image, l2Offset, () => false);
@@ -373,7 +378,7 @@ async function clearCopiedInL2(image: Qcow2Image, map: ClusterMap): Promise<void
  * everywhere else. Called once the refcounts it reads are durable; the L2 tables are synced before
  * the L1 is rewritten.
  */
-async function recomputeCopied(image: Qcow2Image): Promise<void> {
+async function recomputeCopied(image: ImageState): Promise<void> {
   const g = image.geometry;
   const active = image.activeMap.l1;
   let l1Changed = false;

@@ -22,7 +22,7 @@ import { describe, expect, it, onTestFailed } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
 import { ForwardingHostFile, type HostFile, type WritePoint } from '../../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../../src/io/memory-host-file.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
+import { imageState, Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { checkSerializable, describeDifference, GuestModel, randomGuestRange, RangeSet, type GuestOp } from '../../../helpers/model.js';
 import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCompare, qemuImgCreate, type QemuOptionValue } from '../../../helpers/qemu.js';
@@ -213,7 +213,7 @@ describe.skipIf(!hasQemu)('concurrent disjoint requests vs the model', () => {
             const got = (r as PromiseFulfilledResult<Buffer>).value;
             expect(describeDifference(got, expectedReads[i], reads[i].offset, clusterSize), `batch ${b}: concurrent read ${i}`).toBeUndefined();
           });
-          expect({ l2: image.l2Cache.pinnedCount(), refcount: image.refcountCache.pinnedCount() }).toEqual({ l2: 0, refcount: 0 });
+          expect({ l2: imageState(image).l2Cache.pinnedCount(), refcount: imageState(image).refcountCache.pinnedCount() }).toEqual({ l2: 0, refcount: 0 });
           await expectEqualsModel(image, model, `after batch ${b}`);
           if (rng.chance(0.2)) await image.flush();
         }
@@ -370,7 +370,7 @@ describe.skipIf(!hasQemu)('overlapping concurrent writes, zero writes and discar
             expect(matched, `round ${round}: no serial order of [${described}] gives the contents of the cluster at ${c}`).toBeDefined();
             matched!.bytes.copy(model.bytes, c, c, c + cs);
           }
-          expect({ l2: image.l2Cache.pinnedCount(), refcount: image.refcountCache.pinnedCount() }).toEqual({ l2: 0, refcount: 0 });
+          expect({ l2: imageState(image).l2Cache.pinnedCount(), refcount: imageState(image).refcountCache.pinnedCount() }).toEqual({ l2: 0, refcount: 0 });
         }
         await expectEqualsModel(image, model, 'after all rounds');
       } catch (err) {

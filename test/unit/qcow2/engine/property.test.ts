@@ -16,7 +16,7 @@ import { writeFile } from 'node:fs/promises';
 import { HostIoError } from '../../../../src/io/errors.js';
 import { ForwardingHostFile, type HostFile, type HostFileOpener, type WritePoint } from '../../../../src/io/host-file.js';
 import { openNodeHostFile } from '../../../../src/io/node-host-file.js';
-import { Qcow2Image, type CacheMode, type Qcow2OpenOptions } from '../../../../src/qcow2/engine/image.js';
+import { imageState, Qcow2Image, type CacheMode, type Qcow2OpenOptions } from '../../../../src/qcow2/engine/image.js';
 import { describeDifference, GuestModel, randomGuestRange } from '../../../helpers/model.js';
 import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCompare, qemuImgCreate, qemuIo, qemuIoOk, type QemuOptionValue } from '../../../helpers/qemu.js';
@@ -255,7 +255,7 @@ async function runSequence(dir: string, c: CaseConfig, seed: number, nbOps: numb
         const got = await image.read(offset, bytes);
         expect(describeDifference(got, model.read(offset, bytes), offset, cs), `read after op ${i}`).toBeUndefined();
       }
-      expect({ l2: image.l2Cache.pinnedCount(), refcount: image.refcountCache.pinnedCount() }, `pinned tables after op ${i}`).toEqual({ l2: 0, refcount: 0 });
+      expect({ l2: imageState(image).l2Cache.pinnedCount(), refcount: imageState(image).refcountCache.pinnedCount() }, `pinned tables after op ${i}`).toEqual({ l2: 0, refcount: 0 });
     }
     await expectImageEqualsModel(image, model, 'end of sequence');
   } finally {

@@ -1,0 +1,48 @@
+/**
+ * What an image is opened with (Qcow2Image.open).
+ */
+import type { AioMode, HostFile, HostFileOpener } from '../../io/host-file.js';
+import type { CompressedWriterOptions } from './compressed-writer.js';
+import type { ImageState } from './state.js';
+
+export type CacheMode = 'writeback' | 'none' | 'writethrough';
+
+export interface Qcow2OpenOptions {
+  readOnly: boolean;
+  /** Host I/O mode: writeback (default), none (O_DIRECT), writethrough (flush after every write). */
+  cache?: CacheMode;
+  /** How O_DIRECT I/O reaches the kernel (QEMU's aio=): native (Linux AIO, default) or threads. */
+  aio?: AioMode;
+  l2CacheBytes?: number;
+  refcountCacheBytes?: number;
+  /** Bytes of the decompressed-cluster LRU (default 16 MiB or 8 clusters, whichever is larger). */
+  decompressedCacheBytes?: number;
+  /** Take QEMU-compatible locks (default true). */
+  lock?: boolean;
+  /** How host files are opened (default: node-host-file). */
+  openHostFile?: HostFileOpener;
+  /**
+   * Zero new clusters with fallocate instead of writing zero padding (seed 002); default true.
+   * Disable to measure the difference.
+   */
+  preallocate?: boolean;
+  /**
+   * Open for check/repair (QEMU's BDRV_O_CHECK): a corrupt-marked image may be opened writable, the
+   * snapshot table is left to the check to read, and a dirty image is not repaired on open.
+   */
+  check?: boolean;
+  /** Store every full guest cluster written compressed (mount -o compress, convert -c). */
+  compress?: boolean;
+  /** Tuning of the compressed writer. */
+  compressedWriter?: CompressedWriterOptions;
+  /**
+   * Repairs an image opened writable with the dirty bit set (lazy refcounts after a crash) before it
+   * is used; injected by the opener above src/qcow2 (check/repair.ts's repairDirtyImage).
+   */
+  repairDirtyImage?: (image: ImageState, options: Qcow2OpenOptions) => Promise<void>;
+  /** Internal: the chain of images above this one (backing opens). */
+  chain?: string[];
+  /** Internal: an already opened host file for `path`. */
+  file?: HostFile;
+}
+

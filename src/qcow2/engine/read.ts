@@ -1,0 +1,151 @@
+/**
+ * The read path: map guest ranges under the metadata lock (several L2 slices per hold), then read
+ * the mapped segments outside it, in parallel. Host ranges being read are marked in flight so no
+ * cluster is freed and reused under the read (inflight.ts). Compressed clusters stored back to back
+ * are read with one pread per run and decompressed straight into the caller's buffer.
+ */
+import { decompressClusterInto } from './compression.js';
+import type { ClusterMap, ReadSegment } from './cluster-map.js';
+import type { InflightRange } from './inflight.js';
+import type { ImageState } from './state.js';
+
+/** Longest host range read at once for a run of back-to-back compressed chunks. */
+const COMPRESSED_RUN_BYTES = 512 * 1024;
+/** Largest gap between two chunks still read together (read and thrown away). */
+const COMPRESSED_RUN_GAP_BYTES = 4096;
+
+type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
+
+/**
+ * Read guest bytes through `map` (active or a snapshot's) into `buf`. With `withPending`, data the
+ * compressed writer still holds for these clusters is laid over what the mapping gives.
+ */
+export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: number, buf: Buffer, withPending: boolean): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const segments: ReadSegment[] = [];
+    const ranges: InflightRange[] = [];
+    let overlay: ((out: Buffer) => void) | undefined;
+    const start = guestOffset + done;
+    const covered = await s.lock.run(async () => {
+      let n = 0;
+      // Map up to 64 slices' worth per lock hold.
+      for (let i = 0; i < 64 && done + n < buf.length; i++) n += await map.mapForRead(start + n, buf.length - done - n, segments);
+      for (const seg of segments) if (seg.kind === 'data' && !s.hasDataFile) ranges.push(s.inflight.addHost(seg.hostOffset, seg.bytes));
+      if (withPending && map === s.activeMap) overlay = s.compressedWriter?.overlayFor(start, n);
+      return n;
+    });
+    try {
+      await readSegments(s, segments, guestOffset, buf);
+    } finally {
+      for (const r of ranges) s.inflight.removeHost(r);
+    }
+    overlay?.(buf.subarray(done, done + covered));
+    done += covered;
+  }
+}
+
+/**
+ * Read mapped segments into `buf` (which starts at `guestOffset`), all in parallel. Whole compressed
+ * clusters whose chunks lie back to back on the host (as `qemu-img convert -c` and our compressed
+ * writer place them) are read with one pread per run of up to COMPRESSED_RUN_BYTES and decompressed
+ * straight into `buf`; every other segment is read on its own.
+ */
+export async function readSegments(s: ImageState, segments: ReadSegment[], guestOffset: number, buf: Buffer): Promise<void> {
+  const out = (seg: ReadSegment): Buffer => buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes);
+  const jobs: Promise<void>[] = [];
+  let run: CompressedSegment[] = [];
+  let runEnd = 0;
+  const endRun = (): void => {
+    if (run.length === 1) jobs.push(readSegment(s, run[0], out(run[0])));
+    else if (run.length > 1) jobs.push(readCompressedRun(s, run, guestOffset, buf));
+    run = [];
+  };
+  for (const seg of segments) {
+    if (seg.kind !== 'compressed' || seg.offsetInCluster !== 0 || seg.bytes !== s.geometry.clusterSize || s.decompressed.peek(seg.descriptor.hostOffset)) {
+      jobs.push(readSegment(s, seg, out(seg)));
+      continue;
+    }
+    const { hostOffset, compressedBytes } = seg.descriptor;
+    if (run.length > 0 && (hostOffset < run[0].descriptor.hostOffset || hostOffset > runEnd + COMPRESSED_RUN_GAP_BYTES
+      || hostOffset + compressedBytes - run[0].descriptor.hostOffset > COMPRESSED_RUN_BYTES)) {
+      endRun();
+    }
+    runEnd = run.length === 0 ? hostOffset + compressedBytes : Math.max(runEnd, hostOffset + compressedBytes);
+    run.push(seg);
+  }
+  endRun();
+  await Promise.all(jobs);
+}
+
+/** One pread for the host range of several compressed chunks, then each decompressed into `buf`. */
+async function readCompressedRun(s: ImageState, run: CompressedSegment[], guestOffset: number, buf: Buffer): Promise<void> {
+  const start = run[0].descriptor.hostOffset;
+  const end = Math.min(Math.max(...run.map((seg) => seg.descriptor.hostOffset + seg.descriptor.compressedBytes)), s.file.sizeBytes);
+  const src = Buffer.allocUnsafe(Math.max(0, end - start));
+  const n = await s.file.pread(src, start, 'compressed');
+  await Promise.all(run.map((seg) => {
+    const { hostOffset, compressedBytes } = seg.descriptor;
+    const chunk = src.subarray(Math.min(n, hostOffset - start), Math.min(n, hostOffset - start + compressedBytes));
+    return decompressChunk(s, chunk, hostOffset, compressedBytes, buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes));
+  }));
+}
+
+async function readSegment(s: ImageState, seg: ReadSegment, out: Buffer): Promise<void> {
+  switch (seg.kind) {
+    case 'zero':
+      out.fill(0);
+      return;
+    case 'backing':
+      if (s.backing) await s.backing.readInto(seg.guestOffset, out);
+      else out.fill(0);
+      return;
+    case 'data': {
+      // A compressed mount reads through its O_DIRECT handle too: read-back must not fill the page cache.
+      const n = await (s.directFile ?? s.dataFile).pread(out, seg.hostOffset, 'data');
+      if (n < out.length) out.fill(0, n);
+      return;
+    }
+    case 'compressed': {
+      const { hostOffset, compressedBytes } = seg.descriptor;
+      // A whole cluster decompresses straight into the caller's buffer (no cache entry, no copy:
+      // bulk reads stream); a part goes through the cache, so reading a cluster piecewise
+      // decompresses it once.
+      const cached = s.decompressed.peek(hostOffset);
+      if (!cached && seg.offsetInCluster === 0 && seg.bytes === s.geometry.clusterSize) {
+        await decompressInto(s, hostOffset, compressedBytes, out);
+        return;
+      }
+      const cluster = cached ?? await readCompressedCluster(s, hostOffset, compressedBytes);
+      cluster.copy(out, 0, seg.offsetInCluster, seg.offsetInCluster + seg.bytes);
+      return;
+    }
+  }
+}
+
+/** The decompressed contents of the compressed chunk at `hostOffset` (cached). */
+export async function readCompressedCluster(s: ImageState, hostOffset: number, compressedBytes: number): Promise<Buffer> {
+  return s.decompressed.get(hostOffset, async () => {
+    const cluster = Buffer.allocUnsafe(s.geometry.clusterSize);
+    await decompressInto(s, hostOffset, compressedBytes, cluster);
+    return cluster;
+  });
+}
+
+/** Read the compressed chunk at `hostOffset` and decompress it into `out` (one cluster). */
+async function decompressInto(s: ImageState, hostOffset: number, compressedBytes: number, out: Buffer): Promise<void> {
+  const readBytes = Math.min(compressedBytes, Math.max(0, s.file.sizeBytes - hostOffset));
+  const src = Buffer.allocUnsafe(readBytes);
+  const n = await (s.directFile ?? s.file).pread(src, hostOffset, 'compressed');
+  await decompressChunk(s, src.subarray(0, n), hostOffset, compressedBytes, out);
+}
+
+/** Decompress the chunk read from `hostOffset` into `out`; a bad chunk is (non-fatal) corruption. */
+async function decompressChunk(s: ImageState, src: Buffer, hostOffset: number, compressedBytes: number, out: Buffer): Promise<void> {
+  try {
+    await decompressClusterInto(s.compressionType, src, out);
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    s.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
+  }
+}
