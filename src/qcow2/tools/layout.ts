@@ -11,7 +11,7 @@
  * Hostile offsets (past the end of the file, unaligned) are ignored, never followed.
  */
 import type { LayoutEntry } from '../engine/block-device.js';
-import { nextNonZeroEntry } from '../check/check.js';
+import { nextNonZeroEntry } from '../format/table-scan.js';
 import { imageState, type Qcow2Image } from '../engine/image.js';
 import type { ImageState } from '../engine/state.js';
 import { clusterKind, compressedClusterRange, decodeCompressed, entryOffset, l2HostOffset, readL2Entry } from '../format/l2-entry.js';
