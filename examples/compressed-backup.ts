@@ -6,8 +6,8 @@
  *   node dist/examples/compressed-backup.js SOURCE.raw BACKUP.qcow2 [zlib|zstd]
  */
 import { open, stat } from 'node:fs/promises';
-import { createImage } from '../src/qcow2/tools/create.js';
 import { openImage } from '../src/index.js';
+import { createImage } from '../src/node.js';
 
 const [sourcePath, imagePath, compression = 'zlib'] = process.argv.slice(2);
 if (sourcePath === undefined || imagePath === undefined || (compression !== 'zlib' && compression !== 'zstd')) {

@@ -4,8 +4,7 @@
  *
  *   node dist/examples/inspect-image.js IMAGE.qcow2
  */
-import { openImage } from '../src/index.js';
-import { checkImage } from '../src/qcow2/check/check.js';
+import { checkImage, openImage } from '../src/index.js';
 
 const [imagePath] = process.argv.slice(2);
 if (imagePath === undefined) {

@@ -14,13 +14,14 @@ import { layout } from '../qcow2/tools/layout.js';
 import { mapExtents } from '../qcow2/tools/map.js';
 import { listSnapshots, openSnapshotView } from '../qcow2/engine/snapshot.js';
 import type { DeviceOpenOptions } from './options.js';
+import { openImage } from '../node.js';
 
 export class Qcow2Device implements InspectableDevice {
   private constructor(readonly image: Qcow2Image, private readonly probe: HostAllocationProbe) {}
 
   /** Open `path` with the mount's options (Qcow2Image.open: locks, cache mode, compression). */
   static async open(path: string, options: DeviceOpenOptions): Promise<Qcow2Device> {
-    const image = await Qcow2Image.open(path, options);
+    const image = await openImage(path, options);
     return new Qcow2Device(image, nodeHostAllocationProbe());
   }
 

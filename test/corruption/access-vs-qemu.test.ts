@@ -14,6 +14,7 @@ import { qemuIo } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { requireTools } from '../helpers/tools.js';
 import { COPIED, header, l2Offset, makeBaseImage, peekU64, poke, u32, u64 } from './poke.js';
+import { openImage } from '../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -98,7 +99,7 @@ async function qemuOutcome(path: string, op: Op, readOnly: boolean): Promise<Out
 async function ourOutcome(path: string, op: Op, readOnly: boolean): Promise<{ outcome: Outcome; code?: string }> {
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(path, { readOnly });
+    image = await openImage(path, { readOnly });
   } catch (err) {
     expect(err).toBeInstanceOf(CodedError);
     return { outcome: 'refused', code: (err as CodedError).code };

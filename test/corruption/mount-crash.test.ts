@@ -13,7 +13,6 @@ import { readdir, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { IngestMount, MiB, start, type Started } from '../helpers/compress-ingest.js';
 import { run } from '../helpers/exec.js';
 import { writePatternFile } from '../helpers/files.js';
@@ -24,6 +23,7 @@ import { requireFuse, requireTools } from '../helpers/tools.js';
 import { checkBuild } from '../integration/mount-harness.js';
 import { ourCheck } from './our-check.js';
 import { peek } from './poke.js';
+import { openImage } from '../../src/node.js';
 
 const ready = requireFuse() && requireTools('qemu-img', 'qemu-io', 'fio', 'dd');
 const KILLS = Number(process.env.QCOW2FUSE_FIO_KILLS ?? '10');
@@ -110,7 +110,7 @@ describe.skipIf(!ready)('kill -9 of the daemon during a random-write workload', 
         const qemu = await qemuImgCheck(image);
         expect([what, qemu.code === 0 || qemu.code === 3, qemu.report?.corruptions ?? 0, qemu.report?.['check-errors']]).toEqual([what, true, 0, 0]);
         expect([what, [0, 3].includes((await ourCheck(image)).code)]).toEqual([what, true]);
-        await (await Qcow2Image.open(image, { readOnly: false })).close();
+        await (await openImage(image, { readOnly: false })).close();
         expect([what, (await qemuIo(image, ['read 0 512'])).code]).toEqual([what, 0]);
 
         // Every durable write so far reads back.

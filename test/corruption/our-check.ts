@@ -2,12 +2,13 @@
 import { checkExitCode } from '../../src/cli/commands/check.js';
 import { CheckFailedError, checkImage, type CheckResult, type RepairMode } from '../../src/qcow2/check/check.js';
 import { Qcow2Image } from '../../src/qcow2/engine/image.js';
+import { openImage } from '../../src/node.js';
 
 /** Exit code and report (none when the image could not be opened or the check could not run). */
 export async function ourCheck(path: string, repair?: RepairMode): Promise<{ code: number; report?: CheckResult }> {
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(path, { readOnly: repair === undefined, check: true });
+    image = await openImage(path, { readOnly: repair === undefined, check: true });
   } catch {
     return { code: 1 };
   }

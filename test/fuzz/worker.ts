@@ -19,6 +19,7 @@ import { checkImage } from '../../src/qcow2/check/check.js';
 import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { layout } from '../../src/qcow2/tools/layout.js';
 import { FuzzRng } from './prng.js';
+import { openImage } from '../../src/node.js';
 
 export interface CaseRequest {
   type: 'case';
@@ -104,7 +105,7 @@ export async function runCase(path: string, seed: number): Promise<string[]> {
   const repairCopy = rng.chance(0.25) ? `${path}.repair` : undefined;
   if (repairCopy !== undefined) await copyFile(path, repairCopy);
 
-  const ro = await c.attempt('open ro', () => Qcow2Image.open(path, { readOnly: true }));
+  const ro = await c.attempt('open ro', () => openImage(path, { readOnly: true }));
   if (ro) {
     await readEverything(c, ro, rng);
     await c.attempt('layout', () => walkLayout(ro));
@@ -113,7 +114,7 @@ export async function runCase(path: string, seed: number): Promise<string[]> {
   }
   if ((await fileHash(path, before)) !== before) c.failures.push('the read-only session changed the file');
 
-  const rw = await c.attempt('open rw', () => Qcow2Image.open(path, { readOnly: false }));
+  const rw = await c.attempt('open rw', () => openImage(path, { readOnly: false }));
   if (rw) {
     await writeALittle(c, rw, rng);
     await c.attempt('close rw', () => rw.close());
@@ -122,7 +123,7 @@ export async function runCase(path: string, seed: number): Promise<string[]> {
   }
 
   if (repairCopy !== undefined) {
-    const image = await c.attempt('open for repair', () => Qcow2Image.open(repairCopy, { readOnly: false, check: true }));
+    const image = await c.attempt('open for repair', () => openImage(repairCopy, { readOnly: false, check: true }));
     if (image) {
       await c.attempt('check -r all', () => checkImage(image, { repair: 'all' }));
       await c.attempt('close repaired', () => image.close());
@@ -131,7 +132,7 @@ export async function runCase(path: string, seed: number): Promise<string[]> {
   }
 
   // The read-only session checked the file as it was; check again only what the writable session changed.
-  const final = rw ? await c.attempt('open final', () => Qcow2Image.open(path, { readOnly: true, check: true })) : undefined;
+  const final = rw ? await c.attempt('open final', () => openImage(path, { readOnly: true, check: true })) : undefined;
   if (final) {
     await c.attempt('final check', () => checkImage(final));
     await c.attempt('close final', () => final.close());

@@ -27,6 +27,7 @@ import { patternBuffer, Prng, seedFromEnv } from '../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate, type QemuOptionValue } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { requireTool } from '../helpers/tools.js';
+import { openImage } from '../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
@@ -64,7 +65,7 @@ async function runStep(image: Qcow2Image, s: Step): Promise<void> {
 
 /** Open `path` with compressed writes, both handles on `file`. */
 function openCompressed(path: string, file: HostFile): Promise<Qcow2Image> {
-  return Qcow2Image.open(path, {
+  return openImage(path, {
     readOnly: false, file, lock: false, compress: true, openHostFile: async () => file,
     // A small budget and area, so that back-pressure, partial host-cluster writes and area changes happen.
     compressedWriter: { maxPendingBytes: 8 * 65536, maxPartialClusters: 4, areaClusters: 2 },
@@ -155,7 +156,7 @@ describe.skipIf(!hasQemu)('power cut during compressed writes', () => {
         const check = await qemuImgCheck(survivorPath);
         expect({ errors: check.report?.['check-errors'], corruptions: check.report?.corruptions ?? 0, code: check.code === 3 ? 0 : check.code },
           `run ${run}: qemu-img check ${JSON.stringify(check.report)} ${check.stderr}`).toEqual({ errors: 0, corruptions: 0, code: 0 });
-        const reader = await Qcow2Image.open(survivorPath, { readOnly: true, file: MemoryHostFile.from(survivor.snapshot()), lock: false });
+        const reader = await openImage(survivorPath, { readOnly: true, file: MemoryHostFile.from(survivor.snapshot()), lock: false });
         const actual = await reader.read(0, config.size);
         await reader.close();
         expect(explainInterrupted(actual, result.durable, result.tail), `run ${run}: survivor contents`).toBeUndefined();

@@ -14,13 +14,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MemoryHostFile } from '../../src/io/memory-host-file.js';
-import { Qcow2Image } from '../../src/qcow2/engine/image.js';
 import { createEmptyImage, IngestMount, MiB } from '../helpers/compress-ingest.js';
 import { patternBuffer } from '../helpers/patterns.js';
 import { qemuImgCheckClean, qemuImgCompare, qemuImgCreate } from '../helpers/qemu.js';
 import { tempDir } from '../helpers/tmp.js';
 import { requireFuse, requireTool } from '../helpers/tools.js';
 import { checkBuild } from './mount-harness.js';
+import { openImage } from '../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 const CLUSTER = 65536;
@@ -31,7 +31,7 @@ describe.skipIf(!hasQemu)('flush while rewritten clusters are in flight', () => 
     const path = join(dir, 'image.qcow2');
     await qemuImgCreate(path, 4 * MiB);
     const file = MemoryHostFile.from(await readFile(path));
-    const image = await Qcow2Image.open(path, {
+    const image = await openImage(path, {
       readOnly: false, file, lock: false, compress: true, openHostFile: async () => file,
       compressedWriter: { maxPendingBytes: 8 * CLUSTER, maxPartialClusters: 4, areaClusters: 2 },
     });

@@ -7,8 +7,9 @@
  * (aligned for O_DIRECT). A flush ends a write run. `-i` picks how O_DIRECT I/O is submitted (aio=).
  */
 import type { AioMode } from '../../io/host-file.js';
-import { Qcow2Image, type CacheMode } from '../../qcow2/engine/image.js';
+import { type CacheMode } from '../../qcow2/engine/image.js';
 import { parseArgs, parseSize } from '../args.js';
+import { openImage } from '../../node.js';
 
 export const summary = 'run a simple I/O benchmark on an image (qemu-img bench)';
 
@@ -33,7 +34,7 @@ export interface BenchOptions {
 
 /** Run the workload on `path`; the clock covers the requests and the final flush, not the open. */
 export async function runBench(path: string, o: BenchOptions): Promise<BenchResult> {
-  const image = await Qcow2Image.open(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate });
+  const image = await openImage(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate });
   try {
     // One buffer per request in flight, cut from one aligned allocation, as qemu-img bench does.
     const depth = Math.min(o.depth, o.count);

@@ -10,6 +10,7 @@ import { checkImage, CheckFailedError, type CheckResult, type RepairMode } from 
 import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs } from '../args.js';
 import { commandError, progressText, qemuJson, writeOut } from '../output.js';
+import { openImage } from '../../node.js';
 
 export const summary = 'check an image for errors and leaks, optionally repair (qemu-img check)';
 
@@ -96,7 +97,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(args.path, { readOnly: args.repair === undefined, check: true });
+    image = await openImage(args.path, { readOnly: args.repair === undefined, check: true });
   } catch (err) {
     process.stderr.write(`qcow2fuse check: Could not open '${args.path}': ${commandError(err)}\n`);
     return 1;

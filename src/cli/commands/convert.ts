@@ -13,7 +13,6 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { nodeHostAllocationProbe, type HostAllocationProbe } from '../../io/host-allocation.js';
-import { createImage, type CreateOptions } from '../../qcow2/tools/create.js';
 import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { mapEntries } from '../../qcow2/tools/map.js';
 import { openSnapshotView, type SnapshotRef } from '../../qcow2/engine/snapshot.js';
@@ -21,6 +20,7 @@ import type { ClusterMap } from '../../qcow2/engine/cluster-map.js';
 import { parseArgs } from '../args.js';
 import { parseCreateArgs } from './create.js';
 import { commandError, progressText, trace, writeOut } from '../output.js';
+import { createImage, type CreateOptions, openImage } from '../../node.js';
 
 export const summary = 'copy an image (or one of its snapshots) to raw or qcow2 (qemu-img convert)';
 
@@ -215,7 +215,7 @@ function stdoutSink(): Sink {
 /** A new qcow2 image: all-zero clusters stay unallocated, the rest is written (compressed with -c). */
 async function qcow2Sink(path: string, virtualSize: number, options: CreateOptions, compress: boolean): Promise<Sink> {
   await createImage(path, { ...options, virtualSize });
-  const image = await Qcow2Image.open(path, { readOnly: false, compress });
+  const image = await openImage(path, { readOnly: false, compress });
   const clusterBytes = image.geometry.clusterSize;
   return {
     ordered: false,
@@ -294,7 +294,7 @@ export async function run(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    const image = await Qcow2Image.open(args.source, { readOnly: true });
+    const image = await openImage(args.source, { readOnly: true });
     try {
       let source: Source;
       if (args.snapshot !== undefined) {

@@ -1,9 +1,8 @@
 /**
  * `qcow2fuse create [-f qcow2] [-b BACKING [-F FMT]] [-o OPTIONS] [-q] IMAGE [SIZE]` — qemu-img create.
  */
-import { createImage, type CreateOptions, type Preallocation } from '../../qcow2/tools/create.js';
-import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs, parseBool, parseOptionList, parseSize } from '../args.js';
+import { createImage, type CreateOptions, openImage, type Preallocation } from '../../node.js';
 
 export const summary = 'create a qcow2 image (qemu-img create options)';
 
@@ -79,7 +78,7 @@ export async function run(argv: string[]): Promise<number> {
 
 /** The size of the image just created (taken from its backing file when none was given). */
 async function createdSize(path: string): Promise<number> {
-  const image = await Qcow2Image.open(path, { readOnly: true });
+  const image = await openImage(path, { readOnly: true });
   try {
     return image.virtualSize;
   } finally {

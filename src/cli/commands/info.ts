@@ -6,9 +6,9 @@
  */
 import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
 import { imageInfo } from '../../qcow2/tools/info.js';
-import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs } from '../args.js';
 import { commandError, formatInfoHuman, qemuJson, trace, writeOut } from '../output.js';
+import { openImage } from '../../node.js';
 
 export const summary = 'show what an image is (qemu-img info; --output=json for the same JSON)';
 
@@ -36,7 +36,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   const probe = nodeHostAllocationProbe();
   try {
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     try {
       const info = await imageInfo(image, { probe });
       trace('info %s: %o', path, info);

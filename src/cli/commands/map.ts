@@ -5,10 +5,10 @@
  * (exit 1) on compressed data, as qemu-img does.
  */
 import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
-import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { mapEntries, mapJsonChunks } from '../../qcow2/tools/map.js';
 import { parseArgs } from '../args.js';
 import { commandError, MAP_HUMAN_HEADER, mapHumanLine, trace, writeOut } from '../output.js';
+import { openImage } from '../../node.js';
 
 export const summary = 'show the allocation map of an image (qemu-img map; --output=json for the same JSON)';
 
@@ -39,7 +39,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   const probe = nodeHostAllocationProbe();
   try {
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     try {
       const entries = mapEntries(image, { probe });
       if (json) {

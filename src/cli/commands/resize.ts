@@ -2,8 +2,8 @@
  * `qcow2fuse resize [--shrink] IMAGE [+|-]SIZE` — qemu-img resize: grow, or shrink with --shrink
  * (clusters past the new end are freed).
  */
-import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs, parseSize } from '../args.js';
+import { openImage } from '../../node.js';
 
 export const summary = 'change the virtual size of an image (qemu-img resize)';
 
@@ -18,7 +18,7 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write('usage: qcow2fuse resize [--shrink] [-q] FILENAME [+|-]SIZE\n');
     return 1;
   }
-  const image = await Qcow2Image.open(path, { readOnly: false });
+  const image = await openImage(path, { readOnly: false });
   try {
     const delta = sizeText.startsWith('+') || sizeText.startsWith('-');
     const amount = parseSize(sizeText.replace(/^[+-]/, ''));

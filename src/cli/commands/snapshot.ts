@@ -10,6 +10,7 @@ import { applySnapshot, createSnapshot, deleteSnapshot } from '../../qcow2/tools
 import type { SnapshotEntry } from '../../qcow2/format/snapshot-table.js';
 import { parseArgs } from '../args.js';
 import { commandError, sizeToStr, writeOut } from '../output.js';
+import { openImage } from '../../node.js';
 
 export const summary = 'list, create, delete or apply internal snapshots (qemu-img snapshot)';
 
@@ -80,7 +81,7 @@ export async function run(argv: string[]): Promise<number> {
   const { action, path } = args;
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(path, { readOnly: action.kind === 'list' });
+    image = await openImage(path, { readOnly: action.kind === 'list' });
   } catch (err) {
     process.stderr.write(`qcow2fuse snapshot: Could not open '${path}': ${commandError(err)}\n`);
     return 1;

@@ -3,12 +3,12 @@
  *
  * Open (QEMU's qcow2_do_open): header, data file, backing chain, L1, refcount table, snapshot table,
  * then every metadata structure is registered in the overlap map (ImageState.registerMetadata), and
- * a writable image left dirty is repaired by the repair the caller injected. Close: flush in order
+ * a writable image left dirty is repaired by the repair the caller injected (Qcow2OpenOptions
+ * .repairDirtyImage: check/dirty-repair.ts, passed by src/node.ts — the engine does not import check). Close: flush in order
  * (flush.ts), give back the tail of the file this session added, clear the dirty bit, close files.
  */
 import debugFactory from 'debug';
 import type { HostFile, HostFileOpener, HostFileOpenOptions } from '../../io/host-file.js';
-import { openNodeHostFile } from '../../io/node-host-file.js';
 import { openBacking, resolveBackingPath, type BackingReader } from './backing.js';
 import type { L1Table } from './cluster-map.js';
 import { CompressedWriter, type CompressedWriterOptions } from './compressed-writer.js';
@@ -35,7 +35,7 @@ export type BackingQcow2Opener = (path: string, file: HostFile, chain: string[])
  * users (like `qemu-img -U`); writable opens take QEMU's write locks. Backing files open read-only.
  */
 export async function openImageState(path: string, options: Qcow2OpenOptions, openQcow2Backing: BackingQcow2Opener): Promise<ImageState> {
-  const opener = options.openHostFile ?? openNodeHostFile;
+  const opener = options.openHostFile;
   const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', aio: options.aio, lock: options.lock ?? true };
   const rawFile = options.file ?? await opener(path, fileOptions);
   const file = new SizeTrackingFile(rawFile, await rawFile.size());
@@ -74,8 +74,10 @@ export async function openImageState(path: string, options: Qcow2OpenOptions, op
     s.registerMetadata();
     if (options.compress && !options.readOnly) await startCompressedWriter(s, opener, options.compressedWriter);
     if (!options.readOnly && options.check !== true && hasBit(header.incompatibleFeatures, INCOMPAT_DIRTY)) {
-      const repair = options.repairDirtyImage ?? (await import('../check/repair.js')).repairDirtyImage;
-      await repair(s, options);
+      if (options.repairDirtyImage === undefined) {
+        throw new CodedError('EIO', `${path}: the image is dirty and needs a repair before it is written (open it with a repair, or run 'qcow2fuse check -r all')`, { image: path });
+      }
+      await options.repairDirtyImage(s, options);
     }
     trace('opened %s: %d bytes virtual, cluster %d, %s', path, header.virtualSize, s.geometry.clusterSize, options.readOnly ? 'ro' : 'rw');
     return s;

@@ -19,8 +19,11 @@ export interface Qcow2OpenOptions {
   decompressedCacheBytes?: number;
   /** Take QEMU-compatible locks (default true). */
   lock?: boolean;
-  /** How host files are opened (default: node-host-file). */
-  openHostFile?: HostFileOpener;
+  /**
+   * How host files are opened (the image, its data file, backing files). src/qcow2 knows only the
+   * HostFile interface: the Node opener (io/node-host-file) is passed by src/node.ts.
+   */
+  openHostFile: HostFileOpener;
   /**
    * Zero new clusters with fallocate instead of writing zero padding (seed 002); default true.
    * Disable to measure the difference.
@@ -37,7 +40,7 @@ export interface Qcow2OpenOptions {
   compressedWriter?: CompressedWriterOptions;
   /**
    * Repairs an image opened writable with the dirty bit set (lazy refcounts after a crash) before it
-   * is used; injected by the opener above src/qcow2 (check/repair.ts's repairDirtyImage).
+   * is used (check/dirty-repair.ts, passed by src/node.ts). Without it such an open fails with EIO.
    */
   repairDirtyImage?: (image: ImageState, options: Qcow2OpenOptions) => Promise<void>;
   /** Internal: the chain of images above this one (backing opens). */

@@ -53,7 +53,7 @@ export interface SnapshotViewOptions {
 
 /** A read-only BlockDevice over one internal snapshot. */
 export class SnapshotView implements BlockDevice {
-  readonly image: ImageState;
+  private readonly image: ImageState;
   readonly snapshot: SnapshotEntry;
   readonly map: ClusterMap;
   readonly virtualSize: number;

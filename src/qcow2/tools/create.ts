@@ -4,7 +4,6 @@
  * size the L1 table and preallocate, so growth paths are the ones every write uses.
  */
 import type { HostFile, HostFileOpener } from '../../io/host-file.js';
-import { openNodeHostFile } from '../../io/node-host-file.js';
 import { resolveBackingPath } from '../engine/backing.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
@@ -33,7 +32,8 @@ export interface CreateOptions {
   backingFormat?: 'qcow2' | 'raw';
   dataFile?: string;
   dataFileRaw?: boolean;
-  openHostFile?: HostFileOpener;
+  /** How host files are opened (injected: src/node.ts passes the Node opener). */
+  openHostFile: HostFileOpener;
 }
 
 function invalid(path: string, message: string): CodedError {
@@ -70,7 +70,7 @@ function validate(path: string, o: CreateOptions): { clusterBits: number; refcou
  */
 export async function createImage(path: string, options: CreateOptions): Promise<void> {
   const { clusterBits, refcountOrder, version } = validate(path, options);
-  const opener = options.openHostFile ?? openNodeHostFile;
+  const opener = options.openHostFile;
   let virtualSize = options.virtualSize;
   if (options.backingFile !== undefined) {
     const backing = await Qcow2Image.open(resolveBackingPath(path, options.backingFile), { readOnly: true, openHostFile: opener })

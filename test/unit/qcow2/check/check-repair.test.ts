@@ -8,13 +8,13 @@ import { copyFile, readFile, stat, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { CodedError } from '../../../../src/io/errors.js';
 import { MemoryHostFile } from '../../../../src/io/memory-host-file.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
-import { StagingFile } from '../../../../src/qcow2/check/repair.js';
+import { StagingFile } from '../../../../src/qcow2/check/dirty-repair.js';
 import { peek, poke, setRefcount16 } from '../../../corruption/poke.js';
 import { sha256 } from '../../../helpers/files.js';
 import { qemuImgCheck, qemuImgCreate, qemuIo, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 const SIGKILL = 9;
@@ -43,7 +43,7 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
     expect(before.code).toBe(2);
     expect(before.report?.corruptions).toBeGreaterThan(0);
 
-    const image = await Qcow2Image.open(ours, { readOnly: false });
+    const image = await openImage(ours, { readOnly: false });
     expect((await image.read(0, 512)).equals(Buffer.alloc(512, 0x5a))).toBe(true);
     expect((await image.read(4 << 20, 128 * 1024)).equals(Buffer.alloc(128 * 1024, 0x5b))).toBe(true);
     await image.close();
@@ -60,7 +60,7 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
   it('writes to a repaired image keep it clean', async () => {
     const path = tmp.file('a.qcow2');
     await crashedLazyImage(path);
-    const image = await Qcow2Image.open(path, { readOnly: false });
+    const image = await openImage(path, { readOnly: false });
     await image.write(8 << 20, Buffer.alloc(256 * 1024, 0x77));
     await image.close();
     expect((await qemuImgCheck(path)).code).toBe(0);
@@ -78,7 +78,7 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
     await poke(path, 79, Buffer.of((await peek(path, 79, 1))[0] | 0x01));
     expect((await qemuImgCheck(path)).code).toBe(0); // qemu-img check compares clusters inside the file only
 
-    const image = await Qcow2Image.open(path, { readOnly: false });
+    const image = await openImage(path, { readOnly: false });
     await image.write(0, Buffer.alloc(8 * 8192, 0x3c));
     await image.close();
     const after = await qemuImgCheck(path);
@@ -92,7 +92,7 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
     const path = tmp.file('ro.qcow2');
     await crashedLazyImage(path);
     const hash = sha256(await readFile(path));
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     expect((await image.read(0, 512)).equals(Buffer.alloc(512, 0x5a))).toBe(true);
     await image.close();
     expect(sha256(await readFile(path))).toBe(hash);
@@ -113,7 +113,7 @@ describe.skipIf(!hasQemu)('dirty image repair on open', () => {
     const qemu = await qemuIo(theirs, ['read 0 512']);
     expect(qemu.stderr).toContain('Could not repair dirty image');
     const hash = sha256(await readFile(ours));
-    await expect(Qcow2Image.open(ours, { readOnly: false })).rejects.toSatisfy((err) => err instanceof CodedError && err.code === 'EIO');
+    await expect(openImage(ours, { readOnly: false })).rejects.toSatisfy((err) => err instanceof CodedError && err.code === 'EIO');
     // QEMU leaves it marked corrupt (and may leave it half repaired); ours stages the repair and writes nothing.
     expect(await incompatibleBits(theirs)).toBe(0x03);
     expect(sha256(await readFile(ours))).toBe(hash);

@@ -8,11 +8,11 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { checkExitCode, formatCheckHuman, formatRepairedBanner, parseCheckArgs, run } from '../../../../src/cli/commands/check.js';
 import { qemuJson } from '../../../../src/cli/output.js';
 import { CheckFailedError, checkImage } from '../../../../src/qcow2/check/check.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { patternBuffer } from '../../../helpers/patterns.js';
 import { qemuImg, qemuImgCheck, qemuImgCreate, qemuIoOk, type QemuOptionValue } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -67,7 +67,7 @@ describe.skipIf(!hasQemu)('check on consistent images', () => {
       await kind.setup?.(path);
       const qemu = await qemuImgCheck(path);
       const human = await qemuImg(['check', '-f', 'qcow2', path]);
-      const image = await Qcow2Image.open(path, { readOnly: true, check: true });
+      const image = await openImage(path, { readOnly: true, check: true });
       try {
         const report = await checkImage(image);
         expect(report).toEqual(qemu.report);
@@ -84,7 +84,7 @@ describe.skipIf(!hasQemu)('check on consistent images', () => {
   it('checks an image we are writing, from the live caches', async () => {
     const path = tmp.file('live.qcow2');
     await qemuImgCreate(path, '64M');
-    const image = await Qcow2Image.open(path, { readOnly: false });
+    const image = await openImage(path, { readOnly: false });
     try {
       for (let i = 0; i < 40; i++) await image.write(i * 1_000_003, patternBuffer(70_000, i, i * 1_000_003));
       const report = await checkImage(image);
@@ -102,7 +102,7 @@ describe.skipIf(!hasQemu)('check on consistent images', () => {
     const path = tmp.file('p.qcow2');
     await qemuImgCreate(path, '1G');
     await qemuIoOk(path, ['write -P 1 0 1M', 'write -P 2 900M 1M']);
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     const seen: [number, number][] = [];
     try {
       await checkImage(image, { onProgress: (done, total) => seen.push([done, total]) });
@@ -117,7 +117,7 @@ describe.skipIf(!hasQemu)('check on consistent images', () => {
   it('refuses to repair an image opened read-only', async () => {
     const path = tmp.file('ro.qcow2');
     await qemuImgCreate(path, '64M');
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     try {
       await expect(checkImage(image, { repair: 'all' })).rejects.toMatchObject({ code: 'EROFS' });
     } finally {
@@ -138,7 +138,7 @@ describe.skipIf(!hasQemu)('check on consistent images', () => {
     const qemu = await qemuImgCheck(copy, 'leaks');
     expect(qemu.code).toBe(1);
     expect(qemu.report).toBeUndefined();
-    const image = await Qcow2Image.open(path, { readOnly: false, check: true });
+    const image = await openImage(path, { readOnly: false, check: true });
     try {
       const messages: string[] = [];
       const failure = await checkImage(image, { repair: 'leaks', onMessage: (line) => messages.push(line) }).catch((err: unknown) => err);

@@ -8,13 +8,13 @@ import { open, readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run as convert } from '../../../../src/cli/commands/convert.js';
 import { nodeHostAllocationProbe } from '../../../../src/io/host-allocation.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { imageInfo } from '../../../../src/qcow2/tools/info.js';
 import { mapEntries } from '../../../../src/qcow2/tools/map.js';
 import { sha256File } from '../../../helpers/files.js';
 import { qemuImg, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -61,7 +61,7 @@ async function fileSize(path: string): Promise<number> {
 async function readEverything(path: string, dir: string): Promise<unknown> {
   const failures: unknown[] = [];
   try {
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     const probe = nodeHostAllocationProbe();
     try {
       await imageInfo(image, { probe }).catch((e: unknown) => failures.push(e));
@@ -219,7 +219,7 @@ describe.skipIf(!hasQemu)('bad input: coded errors, no crash, no hang, no modifi
       if (c.message) expect((error as Error).message).toMatch(c.message);
       expect((error as Error).message).toContain(path);
       if (c.header) {
-        await expect(Qcow2Image.open(path, { readOnly: false })).rejects.toMatchObject({ code: c.code });
+        await expect(openImage(path, { readOnly: false })).rejects.toMatchObject({ code: c.code });
       }
       expect(await sha256File(path), 'the image file must not change').toBe(before);
     }, CASE_TIMEOUT_MS);
@@ -232,7 +232,7 @@ describe.skipIf(!hasQemu)('bad input: coded errors, no crash, no hang, no modifi
     await patch(path, table, u64((await readU64At(path, table)) + 512n));
     const before = await sha256File(path);
     const { openSnapshotView } = await import('../../../../src/qcow2/engine/snapshot.js');
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    const image = await openImage(path, { readOnly: true });
     try {
       expect((await image.read(0, 4096)).every((b) => b === 0x5a)).toBe(true);
       await expect(openSnapshotView(image, 'snap')).rejects.toMatchObject({ code: 'EBADSNAPSHOT' });

@@ -1,8 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { createImage } from '../../../../src/qcow2/tools/create.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { checkImage } from '../../../../src/qcow2/check/check.js';
 import { HostIoError } from '../../../../src/io/errors.js';
 import type { HostFile, HostFileOpenOptions } from '../../../../src/io/host-file.js';
@@ -11,6 +9,7 @@ import { qemuImg, qemuImgCheck, qemuImgCompare } from '../../../helpers/qemu.js'
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
 import { patternBuffer, Prng } from '../../../helpers/patterns.js';
+import { createImage, openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 
@@ -33,7 +32,7 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
       const size = 24 * 1024 * 1024;
       await createImage(img, { virtualSize: size, ...opts });
       const model = Buffer.alloc(size);
-      const image = await Qcow2Image.open(img, { readOnly: false, compress: true, compressedWriter: { maxPendingBytes: 4 * 1024 * 1024 } });
+      const image = await openImage(img, { readOnly: false, compress: true, compressedWriter: { maxPendingBytes: 4 * 1024 * 1024 } });
       for (let off = 0; off < 8 * 1024 * 1024; off += 4096) {
         const data = patternBuffer(4096, 7, off, 'compressible');
         data.copy(model, off);
@@ -67,7 +66,7 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
     const size = 16 * 1024 * 1024;
     await createImage(img, { virtualSize: size });
     const model = Buffer.alloc(size);
-    const image = await Qcow2Image.open(img, { readOnly: false, compress: true });
+    const image = await openImage(img, { readOnly: false, compress: true });
     const writers = [0, 1, 2, 3].map(async (w) => {
       for (let off = w * 4 * 1024 * 1024; off < (w + 1) * 4 * 1024 * 1024; off += 65536) {
         const data = patternBuffer(65536, w + 10, off, 'compressible');
@@ -87,7 +86,7 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
     await createImage(img, { virtualSize: size });
     const model = Buffer.alloc(size);
     for (let round = 0; round < 3; round++) {
-      const image = await Qcow2Image.open(img, { readOnly: false, compress: true });
+      const image = await openImage(img, { readOnly: false, compress: true });
       for (let off = 0; off < size; off += 65536 * 3) {
         const data = patternBuffer(65536 + 1000, round * 100 + off / 65536, off, 'compressible');
         data.copy(model, off);
@@ -116,7 +115,7 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
         return file;
       };
       const file = await refuseDirect(img, { readOnly: false, direct: false, lock: true });
-      const image = await Qcow2Image.open(img, { readOnly: false, compress: true, file, openHostFile: refuseDirect });
+      const image = await openImage(img, { readOnly: false, compress: true, file, openHostFile: refuseDirect });
       const model = patternBuffer(size, 77, 0, 'compressible');
       await image.write(0, model);
       await image.close();
@@ -157,7 +156,7 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
       };
       return file;
     };
-    const image = await Qcow2Image.open(img, { readOnly: false, compress: true, openHostFile: opener, compressedWriter: { areaClusters: 2 } });
+    const image = await openImage(img, { readOnly: false, compress: true, openHostFile: opener, compressedWriter: { areaClusters: 2 } });
     const model = Buffer.alloc(size);
     const cluster = (i: number): Buffer => {
       const data = patternBuffer(65536, 5, i * 65536, 'compressible');
@@ -187,7 +186,7 @@ describe.skipIf(!hasQemu)('compressed writes', () => {
     const img = join(tmp.path, 'live.qcow2');
     const size = 8 * 1024 * 1024;
     await createImage(img, { virtualSize: size });
-    const image = await Qcow2Image.open(img, { readOnly: false, compress: true });
+    const image = await openImage(img, { readOnly: false, compress: true });
     try {
       const model = Buffer.alloc(size);
       for (let round = 0; round < 3; round++) {

@@ -28,6 +28,7 @@ import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCompare, qemuImgCreate, type QemuOptionValue } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
@@ -131,10 +132,10 @@ async function openSetup(dir: string, setup: Setup, rng: Prng): Promise<Opened> 
   const model = new GuestModel({ virtualSize: setup.size, clusterSize, version: setup.options.compat === '0.10' ? 2 : 3, backing });
   const caches = setup.smallCaches === true ? { l2CacheBytes: 16 * Math.min(clusterSize, 4096), refcountCacheBytes: 4 * clusterSize } : {};
   if (setup.realFile === true) {
-    return { image: await Qcow2Image.open(path, { readOnly: false, ...caches }), model, path, clusterSize };
+    return { image: await openImage(path, { readOnly: false, ...caches }), model, path, clusterSize };
   }
   const memory = MemoryHostFile.from(await readFile(path));
-  const image = await Qcow2Image.open(path, { readOnly: false, file: new JitterFile(memory, new Prng(rng.u32())), lock: false, ...caches });
+  const image = await openImage(path, { readOnly: false, file: new JitterFile(memory, new Prng(rng.u32())), lock: false, ...caches });
   return { image, model, path, clusterSize, memory };
 }
 
@@ -393,7 +394,7 @@ describe.skipIf(!hasQemu)('freeing and reusing host clusters', () => {
     const cs = 65536;
     await qemuImgCreate(path, 4 * MiB, {});
     const memory = MemoryHostFile.from(await readFile(path));
-    const image = await Qcow2Image.open(path, { readOnly: false, file: new JitterFile(memory, new Prng(1), 1), lock: false });
+    const image = await openImage(path, { readOnly: false, file: new JitterFile(memory, new Prng(1), 1), lock: false });
     const model = new GuestModel({ virtualSize: 4 * MiB, clusterSize: cs, version: 3 });
     const late = new LatePunches(memory);
     try {

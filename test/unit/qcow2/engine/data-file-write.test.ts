@@ -1,12 +1,11 @@
 import { describe, expect, it } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { createImage } from '../../../../src/qcow2/tools/create.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { qemuImgCheck, qemuImgCompare, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
 import { patternBuffer, Prng } from '../../../helpers/patterns.js';
+import { createImage, openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 
@@ -19,7 +18,7 @@ describe.skipIf(!hasQemu)('external data file writes', () => {
       const size = 8 * 1024 * 1024;
       await createImage(img, { virtualSize: size, dataFile: data, dataFileRaw: raw });
       const model = Buffer.alloc(size);
-      const image = await Qcow2Image.open(img, { readOnly: false });
+      const image = await openImage(img, { readOnly: false });
       const rng = new Prng(raw ? 5 : 6);
       for (let i = 0; i < 60; i++) {
         const off = rng.int(size - 100_000);

@@ -17,13 +17,13 @@ import { FaultyHostFile, type InjectedErrorCode } from '../../../../src/io/fault
 import type { WritePoint } from '../../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../../src/io/memory-host-file.js';
 import { openNodeHostFile } from '../../../../src/io/node-host-file.js';
-import { createImage } from '../../../../src/qcow2/tools/create.js';
 import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { explainInterrupted, GuestModel, randomGuestRange, type GuestOp } from '../../../helpers/model.js';
 import { isZero, patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
+import { createImage, openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 const KiB = 1024;
@@ -92,7 +92,7 @@ interface Outcome {
 async function runWorkload(path: string, initial: Buffer, size: number, steps: Step[], arm: (f: FaultyHostFile) => void): Promise<Outcome> {
   const file = MemoryHostFile.from(initial);
   const faulty = await FaultyHostFile.wrap(file);
-  const image = await Qcow2Image.open(path, { readOnly: false, file: faulty, lock: false });
+  const image = await openImage(path, { readOnly: false, file: faulty, lock: false });
   let model = new GuestModel({ virtualSize: size, clusterSize: 512, version: 3 });
   arm(faulty);
   let failedStep = -1;
@@ -156,7 +156,7 @@ describe.skipIf(!hasQemu)('EIO and ENOSPC at each write point', () => {
           expect(run.error, current).toMatchObject({ code });
           expect(run.closeError, `${current}: close after the fault is gone`).toBeUndefined();
           await expectConsistent(path, run.file.snapshot(), current);
-          const reopened = await Qcow2Image.open(path, { readOnly: true, file: MemoryHostFile.from(run.file.snapshot()), lock: false });
+          const reopened = await openImage(path, { readOnly: true, file: MemoryHostFile.from(run.file.snapshot()), lock: false });
           try {
             const failed = steps[run.failedStep];
             const tail: GuestOp[] = failed.op === 'flush' || failed.op === 'resize' ? [] : [failed];
@@ -179,7 +179,7 @@ describe.skipIf(!hasQemu)('EIO and ENOSPC at each write point', () => {
     for (const code of CODES) {
       const file = MemoryHostFile.from(initial);
       const faulty = await FaultyHostFile.wrap(file);
-      const image = await Qcow2Image.open(path, { readOnly: false, file: faulty, lock: false });
+      const image = await openImage(path, { readOnly: false, file: faulty, lock: false });
       const model = new GuestModel({ virtualSize: size, clusterSize: 4096, version: 3 });
       for (let i = 0; i < 20; i++) {
         const { offset, bytes } = randomGuestRange(rng, size, 4096, 32 * KiB);
@@ -192,7 +192,7 @@ describe.skipIf(!hasQemu)('EIO and ENOSPC at each write point', () => {
       await image.flush();
       await image.close();
       await expectConsistent(path, file.snapshot(), `${code} at fdatasync`);
-      const reopened = await Qcow2Image.open(path, { readOnly: true, file: MemoryHostFile.from(file.snapshot()), lock: false });
+      const reopened = await openImage(path, { readOnly: true, file: MemoryHostFile.from(file.snapshot()), lock: false });
       expect((await reopened.read(0, size)).equals(model.bytes)).toBe(true);
       await reopened.close();
     }
@@ -209,7 +209,7 @@ describe.skipIf(!hasQemu)('EIO and ENOSPC at each write point', () => {
       await expect(create).rejects.toMatchObject({ code });
       expect(faulty?.stats.injectedWriteFaults).toBe(1);
       await expectConsistent(path, await readFile(path), `${code} at zero`);
-      const image = await Qcow2Image.open(path, { readOnly: true });
+      const image = await openImage(path, { readOnly: true });
       expect(isZero(await image.read(0, image.virtualSize))).toBe(true);
       await image.close();
     }

@@ -22,6 +22,7 @@ import { patternBuffer } from '../../../helpers/patterns.js';
 import { qemuImgCheckClean, qemuImgCreate } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 const KiB = 1024;
@@ -70,7 +71,7 @@ async function startHeldWrite(path: string, preallocate = true): Promise<{ image
     gate = new GateFile(file);
     return gate;
   };
-  const image = await Qcow2Image.open(path, { readOnly: false, openHostFile: opener, preallocate });
+  const image = await openImage(path, { readOnly: false, openHostFile: opener, preallocate });
   const first = image.write(0, FIRST);
   await gate!.reached;
   return { image, gate: gate!, first };
@@ -122,7 +123,7 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
     const base = join(tmp.path, 'base.qcow2');
     const path = join(tmp.path, 'top.qcow2');
     await qemuImgCreate(base, 16 * MiB);
-    const baseImage = await Qcow2Image.open(base, { readOnly: false });
+    const baseImage = await openImage(base, { readOnly: false });
     await baseImage.write(0, Buffer.alloc(64 * KiB, 0x5a));
     await baseImage.close();
     await qemuImgCreate(path, 16 * MiB, {}, { backing: base, backingFormat: 'qcow2' });
@@ -151,7 +152,7 @@ describe.skipIf(!hasQemu)('linking zero-preallocated clusters before their data'
 
     const report = await qemuImgCheckClean(copy);
     expect(report.leaks ?? 0).toBe(0);
-    const crashed = await Qcow2Image.open(copy, { readOnly: true, lock: false });
+    const crashed = await openImage(copy, { readOnly: true, lock: false });
     expect((await crashed.read(0, 64 * KiB)).equals(firstCluster(0, false))).toBe(true);
     await crashed.close();
   });

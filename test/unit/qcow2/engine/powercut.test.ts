@@ -24,6 +24,7 @@ import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate, type QemuOptionValue } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
@@ -93,7 +94,7 @@ interface RunResult {
 async function runWithCut(path: string, initial: Buffer, model0: GuestModel, steps: Step[], cutAt: number, seed: number, torn: boolean): Promise<RunResult> {
   const faulty = await FaultyHostFile.wrap(MemoryHostFile.from(initial), { journal: true, seed, keepProbability: new Prng(seed).float(), ...(torn ? { tornSectorBytes: 512 } : {}) });
   const power = new PowerSwitch(faulty, cutAt);
-  const image = await Qcow2Image.open(path, { readOnly: false, file: power, lock: false });
+  const image = await openImage(path, { readOnly: false, file: power, lock: false });
   const model = model0.clone();
   let durable = model0.clone();
   let tail: GuestOp[] = [];
@@ -159,12 +160,12 @@ describe.skipIf(!hasQemu)('power cut at a random point', () => {
           expect({ errors: check.report?.['check-errors'], corruptions: check.report?.corruptions ?? 0, code: check.code === 3 ? 0 : check.code },
             `run ${run}: qemu-img check ${JSON.stringify(check.report)}`).toEqual({ errors: 0, corruptions: 0, code: 0 });
         }
-        const reader = await Qcow2Image.open(survivorPath, { readOnly: true, file: MemoryHostFile.from(survivor.snapshot()), lock: false });
+        const reader = await openImage(survivorPath, { readOnly: true, file: MemoryHostFile.from(survivor.snapshot()), lock: false });
         const actual = await reader.read(0, config.size);
         await reader.close();
         expect(explainInterrupted(actual, result.durable, result.tail), `run ${run}: survivor contents`).toBeUndefined();
         // Life goes on: the survivor takes writes and closes consistent.
-        const again = await Qcow2Image.open(survivorPath, { readOnly: false, file: survivor, lock: false });
+        const again = await openImage(survivorPath, { readOnly: false, file: survivor, lock: false });
         await again.write(0, patternBuffer(3 * clusterSize + 1, seed, 0));
         await again.close();
         await writeFile(survivorPath, survivor.snapshot());

@@ -22,6 +22,7 @@ import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCompare, qemuImgCreate, qemuIo, qemuIoOk, type QemuOptionValue } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 const KiB = 1024;
@@ -219,7 +220,7 @@ async function runSequence(dir: string, c: CaseConfig, seed: number, nbOps: numb
   const cs = model.clusterSize;
   const log: string[] = [];
   onTestFailed(() => console.error(`case seed ${seed} (${describeCase(c)}, virtual size ${model.virtualSize}); last operations:\n  ${log.slice(-25).join('\n  ')}`));
-  let image = await Qcow2Image.open(path, openOptions(c, rng, model.virtualSize));
+  let image = await openImage(path, openOptions(c, rng, model.virtualSize));
   try {
     const writeCap = Math.max(64 * KiB, Math.min(3 * cs, MiB));
     for (let i = 0; i < nbOps; i++) {
@@ -247,7 +248,7 @@ async function runSequence(dir: string, c: CaseConfig, seed: number, nbOps: numb
       } else if (roll < 0.93) {
         log.push('reopen');
         await image.close();
-        image = await Qcow2Image.open(path, openOptions(c, rng, model.virtualSize));
+        image = await openImage(path, openOptions(c, rng, model.virtualSize));
         await expectImageEqualsModel(image, model, `after reopen (op ${i})`);
       } else {
         const { offset, bytes } = randomGuestRange(rng, model.virtualSize, cs, 2 * writeCap, subclusterSize);
@@ -262,7 +263,7 @@ async function runSequence(dir: string, c: CaseConfig, seed: number, nbOps: numb
     await image.close();
   }
   await expectQemuAgrees(dir, path, model);
-  const again = await Qcow2Image.open(path, { readOnly: true });
+  const again = await openImage(path, { readOnly: true });
   try {
     await expectImageEqualsModel(again, model, 'read-only reopen after close');
   } finally {
@@ -307,7 +308,7 @@ describe.skipIf(!hasQemu)('images we write are read correctly by qemu-io', () =>
       const model = new GuestModel({ virtualSize: config.size, clusterSize, version: config.options.compat === '0.10' ? 2 : 3, backing });
       // Disjoint ranges, each given one fill byte; some zeroed, some discarded afterwards.
       const ranges: { offset: number; bytes: number; fill: number }[] = [];
-      const image = await Qcow2Image.open(path, { readOnly: false });
+      const image = await openImage(path, { readOnly: false });
       try {
         for (let attempts = 0; ranges.length < 24 && attempts < 500; attempts++) {
           const { offset, bytes } = randomGuestRange(rng, config.size, clusterSize, 3 * clusterSize);
@@ -368,7 +369,7 @@ describe.skipIf(!hasQemu)('regressions found by the property tests', () => {
       const virtualSize = 4 * sliceEntries * clusterSize;
       await qemuImgCreate(path, virtualSize, { cluster_size: clusterSize, refcount_bits: refcountBits });
       const model = new GuestModel({ virtualSize, clusterSize, version: 3 });
-      const image = await Qcow2Image.open(path, { readOnly: false, openHostFile: cappedOpener(16 * virtualSize) });
+      const image = await openImage(path, { readOnly: false, openHostFile: cappedOpener(16 * virtualSize) });
       try {
         for (const [offset, bytes] of [[2 * sliceEntries * clusterSize + 512, 8192], [sliceEntries * clusterSize, sliceEntries * clusterSize]] as const) {
           const data = patternBuffer(bytes, offset, offset);

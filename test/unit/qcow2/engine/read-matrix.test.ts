@@ -15,13 +15,13 @@ import { run as ourCreate } from '../../../../src/cli/commands/create.js';
 import { run as ourSnapshot } from '../../../../src/cli/commands/snapshot.js';
 import { qemuJson } from '../../../../src/cli/output.js';
 import { nodeHostAllocationProbe } from '../../../../src/io/host-allocation.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { imageInfo } from '../../../../src/qcow2/tools/info.js';
 import { mapEntries, mapJsonChunks } from '../../../../src/qcow2/tools/map.js';
 import { settleFiles, sha256File } from '../../../helpers/files.js';
 import { QemuError, qemuIo, qemuIoOk, run } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -104,7 +104,7 @@ async function expectSameAsQemu(image: string, dir: string, cwd?: string): Promi
   const qemuMap = await qemuOk(['map', '--output=json', image], cwd);
   const qemuInfo = await qemuOk(['info', '--output=json', image], cwd);
   const probe = nodeHostAllocationProbe();
-  const ours = await Qcow2Image.open(image, { readOnly: true });
+  const ours = await openImage(image, { readOnly: true });
   try {
     let map = '';
     for await (const chunk of mapJsonChunks(mapEntries(ours, { probe }))) map += chunk;

@@ -1,10 +1,10 @@
 import { describe, expect, it } from 'vitest';
 import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { qemuImg, qemuImgConvertToRaw, qemuImgInfo, qemuIo, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 
@@ -19,7 +19,7 @@ describe.skipIf(!hasQemu)('read path smoke', () => {
       await qemuIoOk(img, cmds);
       const raw = join(tmp.path, 'a.raw');
       await qemuImgConvertToRaw(img, raw);
-      const image = await Qcow2Image.open(img, { readOnly: true });
+      const image = await openImage(img, { readOnly: true });
       const ours = await image.read(0, image.virtualSize);
       await image.close();
       expect(ours.equals(await readFile(raw))).toBe(true);
@@ -36,7 +36,7 @@ describe.skipIf(!hasQemu)('read path smoke', () => {
     await fh.write(size, 0, 8, 24);
     await fh.close();
     const theirs = await qemuImgInfo(img);
-    const image = await Qcow2Image.open(img, { readOnly: true });
+    const image = await openImage(img, { readOnly: true });
     try {
       expect(theirs['virtual-size']).toBe(512);
       expect(image.virtualSize).toBe(512);

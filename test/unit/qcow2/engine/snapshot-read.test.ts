@@ -7,11 +7,11 @@ import { describe, expect, it } from 'vitest';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run as convert } from '../../../../src/cli/commands/convert.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { findSnapshot, listSnapshots, openSnapshotView } from '../../../../src/qcow2/engine/snapshot.js';
 import { qemuImg, qemuImgCheck, qemuImgConvertToRaw, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -85,7 +85,7 @@ describe.skipIf(!hasQemu)('snapshot reads equal qemu-img convert -l', () => {
       const snapshots = recorded.map((s) => s.name);
       const expected = new Map<string, Buffer>();
       for (const name of snapshots) expected.set(name, await qemuSnapshotRaw(image, tmp.path, name));
-      const ours = await Qcow2Image.open(image, { readOnly: true });
+      const ours = await openImage(image, { readOnly: true });
       try {
         expect(listSnapshots(ours).map((s) => s.name)).toEqual(snapshots);
         for (const [i, name] of snapshots.entries()) {
@@ -125,7 +125,7 @@ describe.skipIf(!hasQemu)('snapshot reads equal qemu-img convert -l', () => {
     await qemuImgOk(['create', '-q', '-f', 'qcow2', image, '16M']);
     const first = (await history(image, 64 * 1024, true))[0].name;
     const want = await qemuSnapshotRaw(image, tmp.path, first);
-    const ours = await Qcow2Image.open(image, { readOnly: false });
+    const ours = await openImage(image, { readOnly: false });
     try {
       const view = await openSnapshotView(ours, first, { virtualSizeBytes: ours.virtualSize });
       // Overwrite everything the snapshot shares with the active layer (its L2 tables get copied).
@@ -152,7 +152,7 @@ describe.skipIf(!hasQemu)('snapshot reads equal qemu-img convert -l', () => {
     await qemuImgOk(['snapshot', '-c', '2', image]); // id 1, named "2"
     await qemuIoOk(image, ['write -P 0x02 0 64k']);
     await qemuImgOk(['snapshot', '-c', 'later', image]); // id 2
-    const ours = await Qcow2Image.open(image, { readOnly: true });
+    const ours = await openImage(image, { readOnly: true });
     try {
       expect(findSnapshot(ours, '2')?.name).toBe('later');
       expect(findSnapshot(ours, { name: '2' })?.id).toBe('1');

@@ -10,7 +10,6 @@ import { HostIoError } from '../../../../src/io/errors.js';
 import { FaultyHostFile } from '../../../../src/io/faulty-host-file.js';
 import { ForwardingHostFile, type HostFile, type WritePoint } from '../../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../../src/io/memory-host-file.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { Geometry } from '../../../../src/qcow2/format/geometry.js';
 import { clusterKind, l2HostOffset, readL2Entry } from '../../../../src/qcow2/format/l2-entry.js';
 import { decodeReftableEntry, getRefcount } from '../../../../src/qcow2/format/refcount-block.js';
@@ -20,6 +19,7 @@ import { qemuImgCreate } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
 import { readFile } from 'node:fs/promises';
+import { openImage } from '../../../../src/node.js';
 
 const TABLE = 512;
 
@@ -502,7 +502,7 @@ describe.skipIf(!hasQemu)('TableCache ordering inside an image', () => {
       await qemuImgCreate(path, size, { cluster_size: options.clusterSize, refcount_bits: options.refcountBits });
       const initial = await readFile(path);
       const file = new RecordingFile(MemoryHostFile.from(initial));
-      const image = await Qcow2Image.open(path, {
+      const image = await openImage(path, {
         readOnly: false, file, lock: false, l2CacheBytes: 16 * Math.min(options.clusterSize, 4096), refcountCacheBytes: 4 * options.clusterSize,
       });
       const rng = new Prng(seed);

@@ -1,11 +1,11 @@
 import { describe, expect, it } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { qemuImg, qemuImgCheck, qemuImgCompare, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
 import { patternBuffer, Prng } from '../../../helpers/patterns.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 
@@ -20,7 +20,7 @@ describe.skipIf(!hasQemu)('write path smoke', () => {
       const model = Buffer.alloc(size);
       model.fill(0x33, 4 << 20, (4 << 20) + 65536);
       model.fill(0x44, 6 << 20, (6 << 20) + 102400);
-      const image = await Qcow2Image.open(img, { readOnly: false });
+      const image = await openImage(img, { readOnly: false });
       const rng = new Prng(1234);
       for (let i = 0; i < 200; i++) {
         const off = rng.int(size - 300000);
@@ -43,7 +43,7 @@ describe.skipIf(!hasQemu)('write path smoke', () => {
       expect(check.report?.corruptions ?? 0).toBe(0);
       expect(check.report?.leaks ?? 0).toBe(0);
       expect(await qemuImgCompare(img, raw)).toBe(true);
-      const again = await Qcow2Image.open(img, { readOnly: true });
+      const again = await openImage(img, { readOnly: true });
       expect((await again.read(0, size)).equals(await readFile(raw))).toBe(true);
       await again.close();
     });

@@ -6,18 +6,18 @@
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import type { LayoutEntry } from '../../../../src/qcow2/engine/block-device.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { layout, type LayoutOptions } from '../../../../src/qcow2/tools/layout.js';
 import { patternBuffer } from '../../../helpers/patterns.js';
 import { qemuImg, qemuImgCreate, qemuImgMap, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 const CLUSTER = 65536;
 
 async function collect(path: string, options: LayoutOptions = {}): Promise<LayoutEntry[]> {
-  const image = await Qcow2Image.open(path, { readOnly: true });
+  const image = await openImage(path, { readOnly: true });
   try {
     const entries: LayoutEntry[] = [];
     for await (const e of layout(image, options)) entries.push(e);
@@ -107,7 +107,7 @@ describe.skipIf(!hasQemu)('layout', () => {
   it('shows what a live image holds, including writes still in its caches', async () => {
     const path = tmp.file('live.qcow2');
     await qemuImgCreate(path, '64M');
-    const image = await Qcow2Image.open(path, { readOnly: false });
+    const image = await openImage(path, { readOnly: false });
     try {
       await image.write(5 * CLUSTER, patternBuffer(2 * CLUSTER, 1, 5 * CLUSTER));
       const entries: LayoutEntry[] = [];

@@ -1,11 +1,10 @@
 import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
-import { createImage, type CreateOptions } from '../../../../src/qcow2/tools/create.js';
 import { formattingLine, parseCreateArgs } from '../../../../src/cli/commands/create.js';
-import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
 import { qemuImg, qemuImgCheck, qemuImgInfo, qemuIoOk } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTool } from '../../../helpers/tools.js';
+import { createImage, type CreateOptions, openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTool('qemu-img');
 
@@ -73,7 +72,7 @@ describe.skipIf(!hasQemu)('create', () => {
     const info = await qemuImgInfo(top);
     expect(info['virtual-size']).toBe(48 * 1024 * 1024);
     expect(info['backing-filename']).toBe('base.qcow2');
-    const image = await Qcow2Image.open(top, { readOnly: true });
+    const image = await openImage(top, { readOnly: true });
     expect((await image.read(0, 4096)).every((b) => b === 0x11)).toBe(true);
     await image.close();
     expect((await qemuImgCheck(top)).code).toBe(0);

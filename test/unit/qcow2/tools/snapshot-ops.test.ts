@@ -19,6 +19,7 @@ import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImg, qemuImgCheck, qemuImgCheckClean, qemuImgInfo, qemuIoOk, type ExecResult } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
 import { requireTools } from '../../../helpers/tools.js';
+import { openImage } from '../../../../src/node.js';
 
 const hasQemu = requireTools('qemu-img', 'qemu-io');
 const KiB = 1024;
@@ -139,7 +140,7 @@ describe.skipIf(!hasQemu)('snapshot -c/-d/-a/-l agree with qemu-img', () => {
       await expectState(image, s0, snapshots);
 
       // Writes through our driver copy what the snapshot shares (data, L2 tables, compressed clusters).
-      const writer = await Qcow2Image.open(image, { readOnly: false });
+      const writer = await openImage(image, { readOnly: false });
       await writer.write(0, Buffer.alloc(2 * cs, 0x77));
       await writer.write(compressedAt + cs + 100, Buffer.alloc(300, 0x78));
       await writer.writeZeroes(compressedAt + 2 * cs, cs);
@@ -278,7 +279,7 @@ describe.skipIf(!hasQemu)('snapshot -c/-d/-a/-l agree with qemu-img', () => {
     await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', v2, '16M']);
     await qemuIoOk(v2, ['write -P 1 0 1M']);
     await oursOk(['-c', 's', v2]);
-    const grower = await Qcow2Image.open(v2, { readOnly: false });
+    const grower = await openImage(v2, { readOnly: false });
     await grower.resize(20 * MiB);
     await grower.close();
     const before = await readFile(v2);
@@ -385,7 +386,7 @@ describe.skipIf(!hasQemu)('snapshot -c/-d/-a/-l agree with qemu-img', () => {
     const nbClusters = 32;
     const first = Array.from({ length: nbClusters }, (_, i) => patternBuffer(cs, 100 + i, i * cs, 'compressible'));
     const second = Array.from({ length: nbClusters }, (_, i) => patternBuffer(cs, 200 + i, i * cs, 'compressible'));
-    const img = await Qcow2Image.open(image, { readOnly: false, compress: true });
+    const img = await openImage(image, { readOnly: false, compress: true });
     try {
       for (const [i, data] of first.entries()) await img.write(i * cs, data);
       const before = await createSnapshot(img, 'before');
@@ -474,7 +475,7 @@ describe.skipIf(!hasQemu)('power cut inside snapshot operations', () => {
     const runWithCut = async (cutAt: number, runSeed: number): Promise<{ events: number; survivor?: MemoryHostFile; stepIndex: number }> => {
       const faulty = await FaultyHostFile.wrap(MemoryHostFile.from(initial), { journal: true, seed: runSeed, keepProbability: new Prng(runSeed).float() });
       const power = new PowerSwitch(faulty, cutAt);
-      const image = await Qcow2Image.open(path, { readOnly: false, file: power, lock: false });
+      const image = await openImage(path, { readOnly: false, file: power, lock: false });
       for (const [stepIndex, step] of steps.entries()) {
         try {
           await step.op(image);
@@ -504,7 +505,7 @@ describe.skipIf(!hasQemu)('power cut inside snapshot operations', () => {
       expect(check.report?.['check-errors'], `${where}: ${check.stderr}`).toBe(0);
       expect(unsafeFindings(check.stderr, cs), where).toEqual([]);
       // Every snapshot the survivor lists reads as taken; the active layer as before or after the step.
-      const reader = await Qcow2Image.open(survivorPath, { readOnly: true, file: MemoryHostFile.from(result.survivor!.snapshot()), lock: false });
+      const reader = await openImage(survivorPath, { readOnly: true, file: MemoryHostFile.from(result.survivor!.snapshot()), lock: false });
       try {
         for (const s of reader.snapshots) {
           const view = await openSnapshotView(reader, { id: s.id });
