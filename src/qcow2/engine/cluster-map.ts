@@ -1,6 +1,7 @@
 /**
  * Guest → host mapping and its updates (QEMU's qcow2-cluster.c): getHostOffset-style lookups for
- * reads, allocation + COW + linkL2 for writes, zero writes, discard, L1 growth and shrink.
+ * reads, allocation + COW + linkL2 for writes, L1 growth; zero writes, discard and shrink are
+ * cluster-discard.ts.
  *
  * Write ordering enforced here (DESIGN §4):
  * 1. guest data reaches the file before the L2 entry that points at it: after data is written to new
@@ -22,7 +23,7 @@ import type { Refcounts } from './refcount.js';
 import type { TableCache, TableHandle } from './table-cache.js';
 import {
   clusterKind, compressedClusterRange, decodeCompressed, decodeL1Entry, encodeL1Entry, entryHex, hasReservedBits, isCompressed,
-  isCopied, l2HostOffset, makeNormalEntry, makeZeroEntry, readL2Entry, subclusterKind, writeL2Entry, EMPTY_L2_ENTRY,
+  isCopied, l2HostOffset, makeNormalEntry, readL2Entry, subclusterKind, writeL2Entry,
   type CompressedDescriptor, type RawL2Entry,
 } from '../format/l2-entry.js';
 
@@ -133,7 +134,7 @@ export class ClusterMap {
   }
 
   /** Validate an entry read from an L2 table as QEMU does on access. */
-  private checkEntry(e: RawL2Entry, l2Offset: number, index: number): void {
+  checkEntry(e: RawL2Entry, l2Offset: number, index: number): void {
     const kind = clusterKind(e, this.g, this.ctx.hasDataFile);
     // Built only when reporting: checkEntry runs for every entry of every request.
     const at = () => ({ structure: 'l2', hostOffset: l2Offset + index * this.g.l2EntryBytes, index, rawEntry: entryHex(e.hi, e.lo) });
@@ -257,7 +258,7 @@ export class ClusterMap {
     return this.ctx.l2Cache.get(this.sliceOffset(newL2Offset, guestOffset));
   }
 
-  private async writeL1Entry(l1Index: number): Promise<void> {
+  async writeL1Entry(l1Index: number): Promise<void> {
     const first = l1Index - (l1Index % 64);
     const last = Math.min(this.l1.entries, first + 64);
     this.assertNoOverlap(this.l1.offset + first * 8, (last - first) * 8, 'l1');
@@ -425,32 +426,6 @@ export class ClusterMap {
   }
 
   /**
-   * The L2 entry a cluster gets after a write of [start, end) (offsets in the cluster) into host
-   * cluster `hostOffset`: COPIED set; with extended L2 the touched subclusters become allocated
-   * and, when the cluster moved, previously allocated ones stay allocated (their data was copied).
-   */
-  newEntryAfterWrite(old: RawL2Entry, hostOffset: number, start: number, end: number): RawL2Entry {
-    const g = this.g;
-    if (!g.extendedL2) return makeNormalEntry(hostOffset, true);
-    let alloc = 0;
-    let zero = 0;
-    if (!isCompressed(old)) {
-      const kind = clusterKind(old, g, this.ctx.hasDataFile);
-      alloc = kind === 'normal' ? old.allocBitmap : 0;
-      zero = old.zeroBitmap;
-    } else {
-      alloc = 0xffffffff;
-    }
-    const first = Math.floor(start / g.subclusterSize);
-    const last = Math.floor((end - 1) / g.subclusterSize);
-    for (let sc = first; sc <= last; sc++) {
-      alloc = (alloc | (1 << sc)) >>> 0;
-      zero = (zero & ~(1 << sc)) >>> 0;
-    }
-    return makeNormalEntry(hostOffset, true, alloc, zero);
-  }
-
-  /**
    * Link written clusters (QEMU's qcow2_alloc_cluster_link_l2): set their new entries, then release
    * what the old entries held. Data was written before this is called.
    */
@@ -526,61 +501,6 @@ export class ClusterMap {
     }
   }
 
-  /**
-   * Set the entries of whole clusters [firstCluster, +nbClusters) (within one L2 slice) to `make(old)`
-   * and free what the old entries held. Used by zero writes, discard and shrink.
-   */
-  async replaceEntries(firstCluster: number, nbClusters: number, make: (old: RawL2Entry) => RawL2Entry | undefined): Promise<void> {
-    const g = this.g;
-    const firstGuest = firstCluster * g.clusterSize;
-    const { l2Offset } = this.l2TableOffset(g.l1Index(firstGuest));
-    // Nothing to change when no table exists and the replacement of an empty entry is empty.
-    if (l2Offset === 0 && make(EMPTY_L2_ENTRY) === undefined) return;
-    const h = await this.getL2SliceForWrite(firstGuest);
-    const freed: RawL2Entry[] = [];
-    try {
-      let changed = false;
-      for (let i = 0; i < nbClusters; i++) {
-        const index = g.l2IndexInSlice(firstGuest + i * g.clusterSize);
-        const old = readL2Entry(h.buf, index, g);
-        this.checkEntry(old, h.offset, index);
-        const next = make(old);
-        if (next === undefined) continue;
-        writeL2Entry(h.buf, index, g, next);
-        changed = true;
-        freed.push(old);
-      }
-      if (changed) this.ctx.l2Cache.markDirty(h);
-    } finally {
-      await this.ctx.l2Cache.put(h);
-    }
-    for (const old of freed) await this.freeEntry(old);
-  }
-
-  /** The entry that makes a whole cluster read as zeros, or undefined to leave it (v2 without data). */
-  zeroEntryFor(old: RawL2Entry): RawL2Entry | undefined {
-    const g = this.g;
-    if (this.ctx.hasDataFile) return this.ctx.version >= 3 ? makeZeroEntry(g) : undefined;
-    const kind = clusterKind(old, g, false);
-    if (g.extendedL2) {
-      if (kind === 'unallocated' && old.zeroBitmap === 0xffffffff) return undefined;
-      return makeZeroEntry(g);
-    }
-    if (kind === 'zero-plain') return undefined;
-    return makeZeroEntry(g);
-  }
-
-  /** The entry a discarded cluster gets (QEMU's discard_in_l2_slice, full_discard = false). */
-  discardEntryFor(old: RawL2Entry, fullDiscard: boolean): RawL2Entry | undefined {
-    const g = this.g;
-    const kind = clusterKind(old, g, this.ctx.hasDataFile);
-    if (fullDiscard) return old.hi === 0 && old.lo === 0 && old.allocBitmap === 0 && old.zeroBitmap === 0 ? undefined : { ...EMPTY_L2_ENTRY };
-    const allocated = kind === 'normal' || kind === 'zero-alloc' || kind === 'compressed';
-    if (!this.ctx.hasBacking() && !allocated) return undefined;
-    if (g.extendedL2) return makeZeroEntry(g);
-    return this.ctx.version >= 3 ? makeZeroEntry(g) : { ...EMPTY_L2_ENTRY };
-  }
-
   /** Every L2 table offset referenced by this L1 (for layout and check). */
   l2Tables(): { l1Index: number; l2Offset: number }[] {
     const tables: { l1Index: number; l2Offset: number }[] = [];
@@ -591,22 +511,7 @@ export class ClusterMap {
     return tables;
   }
 
-  /** Clear L1 entries from `firstIndex` on, freeing their L2 tables (shrink). */
-  async dropL2TablesFrom(firstIndex: number): Promise<void> {
-    let changed = false;
-    for (let i = firstIndex; i < this.l1.entries; i++) {
-      const e = decodeL1Entry(this.l1.buf, i);
-      if (e.l2Offset === 0) continue;
-      encodeL1Entry(this.l1.buf, i, 0, false);
-      await this.writeL1Entry(i);
-      changed = true;
-      for (let s = 0; s < this.g.l2Entries / this.g.l2SliceEntries; s++) this.ctx.l2Cache.discard(e.l2Offset + s * this.g.l2SliceBytes);
-      this.ctx.metadata.remove(e.l2Offset, this.g.clusterSize);
-      await this.ctx.file.fdatasync();
-      await this.freeHostClusters(e.l2Offset, this.g.clusterSize);
-    }
-    if (changed) await this.ctx.file.fdatasync();
-  }
+
 }
 
 function push(out: ReadSegment[], seg: ReadSegment): void {
@@ -619,4 +524,29 @@ function push(out: ReadSegment[], seg: ReadSegment): void {
     return;
   }
   out.push(seg);
+}
+
+/**
+ * The L2 entry a cluster gets after a write of [start, end) (offsets in the cluster) into host
+ * cluster `hostOffset`: COPIED set; with extended L2 the touched subclusters become allocated
+ * and, when the cluster moved, previously allocated ones stay allocated (their data was copied).
+ */
+export function newEntryAfterWrite(g: Geometry, hasDataFile: boolean, old: RawL2Entry, hostOffset: number, start: number, end: number): RawL2Entry {
+  if (!g.extendedL2) return makeNormalEntry(hostOffset, true);
+  let alloc = 0;
+  let zero = 0;
+  if (!isCompressed(old)) {
+    const kind = clusterKind(old, g, hasDataFile);
+    alloc = kind === 'normal' ? old.allocBitmap : 0;
+    zero = old.zeroBitmap;
+  } else {
+    alloc = 0xffffffff;
+  }
+  const first = Math.floor(start / g.subclusterSize);
+  const last = Math.floor((end - 1) / g.subclusterSize);
+  for (let sc = first; sc <= last; sc++) {
+    alloc = (alloc | (1 << sc)) >>> 0;
+    zero = (zero & ~(1 << sc)) >>> 0;
+  }
+  return makeNormalEntry(hostOffset, true, alloc, zero);
 }

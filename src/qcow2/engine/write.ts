@@ -7,7 +7,7 @@
  */
 import debugFactory from 'debug';
 import type { HostFile } from '../../io/host-file.js';
-import type { ClusterWritePlan, ReadSegment } from './cluster-map.js';
+import { newEntryAfterWrite, type ClusterWritePlan, type ReadSegment } from './cluster-map.js';
 import { flush } from './flush.js';
 import { readSegments } from './read.js';
 import { allocIoBuffer, type ImageState } from './state.js';
@@ -120,7 +120,7 @@ async function executePlan(s: ImageState, plan: ClusterWritePlan, data: Buffer, 
         const clusterStart = runStart + i * g.clusterSize;
         const start = Math.max(plan.guestOffset, clusterStart) - clusterStart;
         const end = Math.min(plan.guestOffset + plan.bytes, clusterStart + g.clusterSize) - clusterStart;
-        newEntries.push(s.activeMap.newEntryAfterWrite(plan.oldEntries[i], plan.hostOffset + i * g.clusterSize, start, end));
+        newEntries.push(newEntryAfterWrite(g, s.hasDataFile, plan.oldEntries[i], plan.hostOffset + i * g.clusterSize, start, end));
       }
     } catch (err) {
       await s.lock.run(() => s.activeMap.abortAlloc(plan)).catch(() => undefined);

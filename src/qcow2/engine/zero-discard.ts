@@ -4,6 +4,7 @@
  * frees); partial clusters go through the write path. A run of clusters another request has in
  * flight is waited for first.
  */
+import { discardEntryFor, dropL2TablesFrom, replaceEntries, zeroEntryFor } from './cluster-discard.js';
 import { flush, flushLocked } from './flush.js';
 import type { ImageState } from './state.js';
 import { prepareFirstWrite, write, writeNormal } from './write.js';
@@ -29,7 +30,7 @@ export async function writeZeroes(s: ImageState, guestOffset: number, bytes: num
     return;
   }
   if (alignedStart > guestOffset) await writeZeroBytes(s, guestOffset, alignedStart - guestOffset);
-  await forEachClusterRun(s, alignedStart, alignedEnd, (first, n) => s.activeMap.replaceEntries(first, n, (old) => s.activeMap.zeroEntryFor(old)));
+  await forEachClusterRun(s, alignedStart, alignedEnd, (first, n) => replaceEntries(s.activeMap, first, n, (old) => zeroEntryFor(s.activeMap, old)));
   if (end > alignedEnd) await writeZeroBytes(s, alignedEnd, end - alignedEnd);
   if (s.cacheMode === 'writethrough') await flush(s);
 }
@@ -85,7 +86,7 @@ export async function discard(s: ImageState, guestOffset: number, bytes: number)
   const alignedStart = Math.ceil(guestOffset / g.clusterSize) * g.clusterSize;
   const alignedEnd = end === s.virtualSize ? Math.ceil(end / g.clusterSize) * g.clusterSize : end - (end % g.clusterSize);
   if (alignedStart >= alignedEnd || s.dataFileRaw) return;
-  await forEachClusterRun(s, alignedStart, alignedEnd, (first, n) => s.activeMap.replaceEntries(first, n, (old) => s.activeMap.discardEntryFor(old, false)));
+  await forEachClusterRun(s, alignedStart, alignedEnd, (first, n) => replaceEntries(s.activeMap, first, n, (old) => discardEntryFor(s.activeMap, old, false)));
   if (s.cacheMode === 'writethrough') await flush(s);
 }
 
@@ -95,9 +96,9 @@ export async function zeroClusterForCompress(s: ImageState, clusterIndex: number
   const start = clusterIndex * g.clusterSize;
   const end = Math.min(start + g.clusterSize, s.virtualSize);
   if (s.backing === undefined) {
-    await forEachClusterRun(s, start, end, (first, n) => s.activeMap.replaceEntries(first, n, (old) => s.activeMap.discardEntryFor(old, true)));
+    await forEachClusterRun(s, start, end, (first, n) => replaceEntries(s.activeMap, first, n, (old) => discardEntryFor(s.activeMap, old, true)));
   } else if (s.header.version >= 3) {
-    await forEachClusterRun(s, start, end, (first, n) => s.activeMap.replaceEntries(first, n, (old) => s.activeMap.zeroEntryFor(old)));
+    await forEachClusterRun(s, start, end, (first, n) => replaceEntries(s.activeMap, first, n, (old) => zeroEntryFor(s.activeMap, old)));
   } else {
     await writeNormal(s, start, Buffer.alloc(end - start));
   }
@@ -130,11 +131,11 @@ export async function resize(s: ImageState, newVirtualSize: number): Promise<voi
   const firstFree = Math.ceil(newVirtualSize / g.clusterSize) * g.clusterSize;
   const oldEnd = Math.ceil(oldSize / g.clusterSize) * g.clusterSize;
   if (firstFree < oldEnd) {
-    await forEachClusterRun(s, firstFree, oldEnd, (first, n) => s.activeMap.replaceEntries(first, n, (old) => s.activeMap.discardEntryFor(old, true)));
+    await forEachClusterRun(s, firstFree, oldEnd, (first, n) => replaceEntries(s.activeMap, first, n, (old) => discardEntryFor(s.activeMap, old, true)));
   }
   await s.lock.run(async () => {
     await flushLocked(s);
-    await s.activeMap.dropL2TablesFrom(g.l1EntriesFor(newVirtualSize));
+    await dropL2TablesFrom(s.activeMap, g.l1EntriesFor(newVirtualSize));
     await s.updateHeader({ virtualSize: newVirtualSize });
   });
 }
