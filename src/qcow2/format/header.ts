@@ -60,7 +60,7 @@ export interface Qcow2Header {
   refcountTableClusters: number;
   nbSnapshots: number;
   snapshotsOffset: number;
-  /** Feature bit sets: only bits 0–31 are meaningful to us; higher set bits are kept in `*High`. */
+  /** Feature bit sets, all 64 bits (an unknown incompatible bit refuses the open; autoclear bits we do not maintain are cleared on the first write). */
   incompatibleFeatures: bigint;
   compatibleFeatures: bigint;
   autoclearFeatures: bigint;
@@ -108,32 +108,32 @@ export function decodeHeader(buf: Buffer, image: string, fileBytes: number): Qco
   if (buf.length < HEADER_V2_BYTES) {
     throw new Qcow2FormatError('ETRUNCATED', `file too short for a qcow2 header (${buf.length} bytes)`, { image, structure: 'header' });
   }
-  const magic = buf.readUInt32BE(0);
+  const magic = buf.readUInt32BE(HEADER_FIELD.magic);
   if (magic !== QCOW2_MAGIC) {
     throw new Qcow2FormatError('EBADMAGIC', `not a qcow2 image (magic ${hex(magic)})`, { image, structure: 'header', field: 'magic', value: hex(magic) });
   }
-  const version = buf.readUInt32BE(4);
+  const version = buf.readUInt32BE(HEADER_FIELD.version);
   if (version !== 2 && version !== 3) {
     throw new Qcow2UnsupportedError('EBADVERSION', `unsupported qcow2 version ${version}`, { image, structure: 'header', field: 'version', value: version });
   }
-  const clusterBits = buf.readUInt32BE(20);
+  const clusterBits = buf.readUInt32BE(HEADER_FIELD.clusterBits);
   if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
     throw bad(image, 'cluster_bits', clusterBits, `unsupported cluster size 2^${clusterBits}`);
   }
   const clusterSize = 2 ** clusterBits;
   const h: Qcow2Header = {
     version,
-    backingFileOffset: u64Field(buf, 8, image, 'backing_file_offset'),
-    backingFileBytes: buf.readUInt32BE(16),
+    backingFileOffset: u64Field(buf, HEADER_FIELD.backingFileOffset, image, 'backing_file_offset'),
+    backingFileBytes: buf.readUInt32BE(HEADER_FIELD.backingFileBytes),
     clusterBits,
-    virtualSize: u64Field(buf, 24, image, 'size'),
-    cryptMethod: buf.readUInt32BE(32),
-    l1Entries: buf.readUInt32BE(36),
-    l1TableOffset: u64Field(buf, 40, image, 'l1_table_offset'),
-    refcountTableOffset: u64Field(buf, 48, image, 'refcount_table_offset'),
-    refcountTableClusters: buf.readUInt32BE(56),
-    nbSnapshots: buf.readUInt32BE(60),
-    snapshotsOffset: u64Field(buf, 64, image, 'snapshots_offset'),
+    virtualSize: u64Field(buf, HEADER_FIELD.virtualSize, image, 'size'),
+    cryptMethod: buf.readUInt32BE(HEADER_FIELD.cryptMethod),
+    l1Entries: buf.readUInt32BE(HEADER_FIELD.l1Entries),
+    l1TableOffset: u64Field(buf, HEADER_FIELD.l1TableOffset, image, 'l1_table_offset'),
+    refcountTableOffset: u64Field(buf, HEADER_FIELD.refcountTableOffset, image, 'refcount_table_offset'),
+    refcountTableClusters: buf.readUInt32BE(HEADER_FIELD.refcountTableClusters),
+    nbSnapshots: buf.readUInt32BE(HEADER_FIELD.nbSnapshots),
+    snapshotsOffset: u64Field(buf, HEADER_FIELD.snapshotsOffset, image, 'snapshots_offset'),
     incompatibleFeatures: 0n,
     compatibleFeatures: 0n,
     autoclearFeatures: 0n,
@@ -147,16 +147,16 @@ export function decodeHeader(buf: Buffer, image: string, fileBytes: number): Qco
     if (buf.length < HEADER_V3_MIN_BYTES) {
       throw new Qcow2FormatError('ETRUNCATED', `file too short for a qcow2 v3 header (${buf.length} bytes)`, { image, structure: 'header' });
     }
-    h.incompatibleFeatures = readU64(buf, 72);
-    h.compatibleFeatures = readU64(buf, 80);
-    h.autoclearFeatures = readU64(buf, 88);
-    h.refcountOrder = buf.readUInt32BE(96);
-    h.headerLength = buf.readUInt32BE(100);
+    h.incompatibleFeatures = readU64(buf, HEADER_FIELD.incompatibleFeatures);
+    h.compatibleFeatures = readU64(buf, HEADER_FIELD.compatibleFeatures);
+    h.autoclearFeatures = readU64(buf, HEADER_FIELD.autoclearFeatures);
+    h.refcountOrder = buf.readUInt32BE(HEADER_FIELD.refcountOrder);
+    h.headerLength = buf.readUInt32BE(HEADER_FIELD.headerLength);
     if (h.headerLength < HEADER_V3_MIN_BYTES) throw bad(image, 'header_length', h.headerLength, 'qcow2 header too short');
     if (h.headerLength > clusterSize) throw bad(image, 'header_length', h.headerLength, 'qcow2 header exceeds cluster size');
     if (h.headerLength % 8 !== 0) throw bad(image, 'header_length', h.headerLength, 'qcow2 header length is not a multiple of 8');
     if (h.headerLength > buf.length) throw new Qcow2FormatError('ETRUNCATED', `file too short for header_length ${h.headerLength}`, { image, structure: 'header' });
-    if (h.headerLength > HEADER_V3_MIN_BYTES) h.compressionType = buf.readUInt8(104);
+    if (h.headerLength > HEADER_V3_MIN_BYTES) h.compressionType = buf.readUInt8(HEADER_FIELD.compressionType);
   }
   if (h.backingFileOffset > clusterSize) throw bad(image, 'backing_file_offset', h.backingFileOffset, 'invalid backing file offset');
   decodeExtensions(buf, h, image, clusterSize);
@@ -338,26 +338,26 @@ export function encodeHeader(header: Qcow2Header, image: string): { bytes: Buffe
   if (extensionsEnd + h.backingFileBytes > clusterSize) {
     throw new Qcow2FormatError('EBADHEADER', `header and extensions (${extensionsEnd + h.backingFileBytes} bytes) do not fit in one cluster`, { image, structure: 'header' });
   }
-  fixed.writeUInt32BE(QCOW2_MAGIC, 0);
-  fixed.writeUInt32BE(h.version, 4);
-  writeU64(fixed, 8, h.backingFileOffset);
-  fixed.writeUInt32BE(h.backingFileBytes, 16);
-  fixed.writeUInt32BE(h.clusterBits, 20);
-  writeU64(fixed, 24, h.virtualSize);
-  fixed.writeUInt32BE(h.cryptMethod, 32);
-  fixed.writeUInt32BE(h.l1Entries, 36);
-  writeU64(fixed, 40, h.l1TableOffset);
-  writeU64(fixed, 48, h.refcountTableOffset);
-  fixed.writeUInt32BE(h.refcountTableClusters, 56);
-  fixed.writeUInt32BE(h.nbSnapshots, 60);
-  writeU64(fixed, 64, h.snapshotsOffset);
+  fixed.writeUInt32BE(QCOW2_MAGIC, HEADER_FIELD.magic);
+  fixed.writeUInt32BE(h.version, HEADER_FIELD.version);
+  writeU64(fixed, HEADER_FIELD.backingFileOffset, h.backingFileOffset);
+  fixed.writeUInt32BE(h.backingFileBytes, HEADER_FIELD.backingFileBytes);
+  fixed.writeUInt32BE(h.clusterBits, HEADER_FIELD.clusterBits);
+  writeU64(fixed, HEADER_FIELD.virtualSize, h.virtualSize);
+  fixed.writeUInt32BE(h.cryptMethod, HEADER_FIELD.cryptMethod);
+  fixed.writeUInt32BE(h.l1Entries, HEADER_FIELD.l1Entries);
+  writeU64(fixed, HEADER_FIELD.l1TableOffset, h.l1TableOffset);
+  writeU64(fixed, HEADER_FIELD.refcountTableOffset, h.refcountTableOffset);
+  fixed.writeUInt32BE(h.refcountTableClusters, HEADER_FIELD.refcountTableClusters);
+  fixed.writeUInt32BE(h.nbSnapshots, HEADER_FIELD.nbSnapshots);
+  writeU64(fixed, HEADER_FIELD.snapshotsOffset, h.snapshotsOffset);
   if (h.version === 3) {
-    writeU64(fixed, 72, h.incompatibleFeatures);
-    writeU64(fixed, 80, h.compatibleFeatures);
-    writeU64(fixed, 88, h.autoclearFeatures);
-    fixed.writeUInt32BE(h.refcountOrder, 96);
-    fixed.writeUInt32BE(h.headerLength, 100);
-    fixed.writeUInt8(h.compressionType, 104);
+    writeU64(fixed, HEADER_FIELD.incompatibleFeatures, h.incompatibleFeatures);
+    writeU64(fixed, HEADER_FIELD.compatibleFeatures, h.compatibleFeatures);
+    writeU64(fixed, HEADER_FIELD.autoclearFeatures, h.autoclearFeatures);
+    fixed.writeUInt32BE(h.refcountOrder, HEADER_FIELD.refcountOrder);
+    fixed.writeUInt32BE(h.headerLength, HEADER_FIELD.headerLength);
+    fixed.writeUInt8(h.compressionType, HEADER_FIELD.compressionType);
   }
   return { bytes: Buffer.concat(parts), header: h };
 }
