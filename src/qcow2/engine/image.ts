@@ -42,8 +42,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   readonly format = 'qcow2' as const;
   readonly path: string;
 
+  private readonly s: ImageState;
+
   private constructor(s: ImageState) {
     this.path = s.path;
+    this.s = s;
     states.set(this, s);
   }
 
@@ -56,10 +59,6 @@ export class Qcow2Image implements BlockDevice, BackingReader {
       readOnly: true, file: f, chain, openHostFile: options.openHostFile, cache: options.cache,
     }));
     return new Qcow2Image(s);
-  }
-
-  private get s(): ImageState {
-    return imageState(this);
   }
 
   /**
