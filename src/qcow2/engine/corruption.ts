@@ -24,7 +24,9 @@ export interface CorruptionTarget {
   readonly path: string;
   readonly readOnly: boolean;
   readonly file: HostFile;
-  header: Qcow2Header;
+  readonly header: Qcow2Header;
+  /** The header as the file now holds it. */
+  setHeader(header: Qcow2Header): void;
   /** Refuse writes from now on, giving `reason`. */
   dropToReadOnly(reason: string): void;
   /** Track host I/O nobody awaits (close waits for it). */
@@ -41,7 +43,7 @@ export function signalCorruption(target: CorruptionTarget, fatal: boolean, messa
     target.dropToReadOnly(`corruption: ${message}`);
     const incompatibleFeatures = withBit(target.header.incompatibleFeatures, INCOMPAT_CORRUPT, true);
     if (target.header.version === 3) {
-      target.header = { ...target.header, incompatibleFeatures };
+      target.setHeader({ ...target.header, incompatibleFeatures });
       const bits = Buffer.alloc(8);
       bits.writeBigUInt64BE(incompatibleFeatures);
       const file = target.file;

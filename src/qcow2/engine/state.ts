@@ -43,7 +43,6 @@ export class ImageState {
   /** The image file, with its size and highest written byte tracked. */
   readonly file: SizeTrackingFile;
   readonly dataFile: HostFile;
-  header: Qcow2Header;
   readonly geometry: Geometry;
   readonly metadata: MetadataMap;
   readonly l2Cache: TableCache;
@@ -51,8 +50,6 @@ export class ImageState {
   readonly refcounts: Refcounts;
   readonly activeMap: ClusterMap;
   readonly backing: BackingReader | undefined;
-  snapshots: SnapshotEntry[] = [];
-  snapshotTableBytes = 0;
   readonly compressionType: CompressionType;
   readonly cacheMode: CacheMode;
   /** The metadata lock (QEMU's s->lock); check and repair run under it too. */
@@ -74,6 +71,9 @@ export class ImageState {
   /** Set when the image stores writes compressed. */
   compressedWriter: CompressedWriter | undefined;
   private readOnlyReason: string | undefined;
+  private currentHeader: Qcow2Header;
+  private snapshotEntries: SnapshotEntry[] = [];
+  private snapshotBytes = 0;
   private readonly background = new Set<Promise<void>>();
 
   constructor(path: string, file: SizeTrackingFile, dataFile: HostFile, header: Qcow2Header, l1: L1Table, backing: BackingReader | undefined,
@@ -81,7 +81,7 @@ export class ImageState {
     this.path = path;
     this.file = file;
     this.dataFile = dataFile;
-    this.header = header;
+    this.currentHeader = header;
     this.backing = backing;
     this.cacheMode = options.cache ?? 'writeback';
     this.readOnlyReason = options.readOnly ? 'opened read-only' : undefined;
@@ -130,6 +130,21 @@ export class ImageState {
       allocBuffer,
     }, l1, true);
     this.decompressed = new DecompressedCache(options.decompressedCacheBytes ?? Math.max(16 * 1024 * 1024, 8 * g.clusterSize));
+  }
+
+  /** The header as the file holds it (changed only through updateHeader and setHeader). */
+  get header(): Qcow2Header {
+    return this.currentHeader;
+  }
+
+  /** The snapshot table in use (changed only through setSnapshotTable). */
+  get snapshots(): readonly SnapshotEntry[] {
+    return this.snapshotEntries;
+  }
+
+  /** Bytes of the snapshot table in use. */
+  get snapshotTableBytes(): number {
+    return this.snapshotBytes;
   }
 
   /**
@@ -188,18 +203,18 @@ export class ImageState {
     const { bytes, header } = encodeHeader(next, this.path);
     await this.file.pwrite(bytes, 0, 'header');
     await this.file.fdatasync();
-    this.header = header;
+    this.currentHeader = header;
   }
 
-  /** The header as the file holds it now (after a repair rewrote it in place). */
+  /** The header as the file holds it now, after code that rewrote fields of it in place (repair, the corruption funnel). */
   setHeader(header: Qcow2Header): void {
-    this.header = header;
+    this.currentHeader = header;
   }
 
   /** The snapshot table in use (after it was read or rewritten). */
   setSnapshotTable(entries: SnapshotEntry[], tableBytes: number): void {
-    this.snapshots = entries;
-    this.snapshotTableBytes = tableBytes;
+    this.snapshotEntries = entries;
+    this.snapshotBytes = tableBytes;
   }
 
   /**
