@@ -11,6 +11,9 @@
  *   inflight.ts      guest clusters and host ranges in flight
  *   corruption.ts    the corruption funnel
  *
+ * over the structures they share: cluster-map.ts and cluster-discard.ts (guest → host mapping and its
+ * updates, with the write-ordering rules), refcount.ts, table-cache.ts, overlap.ts, compressed-writer.ts.
+ *
  * Concurrency (DESIGN §4): metadata (L1/L2/refcounts, header) changes run under one AsyncLock;
  * data I/O runs outside it. Maintenance code inside src/qcow2 (check, repair, snapshot operations,
  * info, map, layout) reaches the state with imageState(); library users see only this class.
