@@ -81,6 +81,21 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     return this.s.header.version;
   }
 
+  /** The backing image (qcow2 or raw) whose data shows through unallocated clusters, if any. */
+  get backing(): BackingReader | undefined {
+    return this.s.backing;
+  }
+
+  /** Whether guest data lives in an external data file (data_file extension). */
+  get hasDataFile(): boolean {
+    return this.s.hasDataFile;
+  }
+
+  /** The external data file's path, when there is one. */
+  get dataFilePath(): string | undefined {
+    return this.s.hasDataFile ? this.s.dataFile.path : undefined;
+  }
+
   /** Cluster size and the sizes derived from it. */
   get geometry(): Geometry {
     return this.s.geometry;
