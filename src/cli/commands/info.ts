@@ -40,7 +40,8 @@ export async function run(argv: string[]): Promise<number> {
   const probe = nodeHostAllocationProbe();
   try {
     warnIfForceShared('info', path, forceShare);
-    const image = await Qcow2Image.open(path, { readOnly: true, forceShare });
+    // As qemu-img info: the header names the backing file; the chain is not opened (nor locked).
+    const image = await Qcow2Image.open(path, { readOnly: true, forceShare, noBacking: true });
     try {
       const info = await imageInfo(image, { probe });
       trace('info %s: %o', path, info);

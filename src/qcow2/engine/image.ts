@@ -63,6 +63,8 @@ export interface Qcow2OpenOptions {
   lock?: boolean;
   /** Read-only opens: share every permission (qemu-img -U), down the backing chain too. */
   forceShare?: boolean;
+  /** Do not open the backing chain (QEMU's BDRV_O_NO_BACKING, as qemu-img info): unallocated clusters read as zeros. */
+  noBacking?: boolean;
   /** How host files are opened (default: node-host-file). */
   openHostFile?: HostFileOpener;
   /**
@@ -225,7 +227,7 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         cleanup.push(() => dataFile.close());
       }
       let backing: BackingReader | undefined;
-      if (header.backingFile !== undefined) {
+      if (header.backingFile !== undefined && options.noBacking !== true) {
         const chain = options.chain ?? [path];
         backing = await openBacking(path, header.backingFile, header.backingFormat, {
           opener, chain, forceShare: options.forceShare,
