@@ -62,6 +62,9 @@ export interface MountArgs {
   mountpoint?: string;
 }
 
+/** mount(8)'s helper flags (mount.TYPE SPEC DIR [-sfnv] [-o OPTS] [-t TYPE]), for /sbin/mount.fuse.qcow2fuse: ignored. */
+const MOUNT_HELPER_FLAGS: readonly string[] = ['-n', '-s', '-v'];
+
 /** Parse the command line; throws an EINVAL-coded error for a malformed one. */
 export function parseMountArgs(argv: readonly string[]): MountArgs {
   const args: MountArgs = { optionSpecs: [], foreground: false, daemonChild: false, help: false };
@@ -71,6 +74,11 @@ export function parseMountArgs(argv: readonly string[]): MountArgs {
     if (arg === '-h' || arg === '--help') args.help = true;
     else if (arg === '-f') args.foreground = true;
     else if (arg === DAEMON_FLAG) args.daemonChild = true;
+    else if (MOUNT_HELPER_FLAGS.includes(arg)) continue;
+    else if (arg === '-t') {
+      const type = argv[++i];
+      if (type !== 'fuse.qcow2fuse' && type !== 'qcow2fuse') throw new CodedError('EINVAL', `-t ${type ?? ''}: only fuse.qcow2fuse mounts are served`);
+    }
     else if (arg === '-o') {
       const spec = argv[++i];
       if (spec === undefined) throw new CodedError('EINVAL', '-o needs an argument');
