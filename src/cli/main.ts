@@ -45,11 +45,13 @@ export function version(): string {
 
 /**
  * True when argv is the mount helper's form `IMAGE MOUNTPOINT [-o OPTIONS]`: the first word is no
- * command but names an existing file (so a mistyped command still gets "unknown command").
+ * command but a path (it has a '/', as mount(8) passes it, or names an existing file), so a missing
+ * image gets the mount's "cannot open" and a mistyped command still gets "unknown command".
  */
 function isMountHelperForm(argv: readonly string[]): boolean {
   const [first] = argv;
-  return first !== undefined && !first.startsWith('-') && !(COMMANDS as readonly string[]).includes(first) && existsSync(first);
+  return first !== undefined && !first.startsWith('-') && !(COMMANDS as readonly string[]).includes(first) &&
+    (first.includes('/') || existsSync(first));
 }
 
 export async function main(argv: string[]): Promise<number> {

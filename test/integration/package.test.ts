@@ -105,6 +105,15 @@ describe.skipIf(!ready)('npm pack and npm install -g of the tarball', () => {
       expect(await q(['unmount', mnt])).toMatchObject({ code: 0, stderr: '' });
     }
     await qemuImgCheckClean(image);
+    // The mount helper's form (mount.fuse3 runs `qcow2fuse IMAGE MOUNTPOINT -o OPTIONS`).
+    expect(await q([image, mnt, '-o', 'ro,dev,suid'])).toMatchObject({ code: 0, stderr: '' });
+    expect(await q(['unmount', mnt])).toMatchObject({ code: 0, stderr: '' });
+    const missing = await q([join(dir, 'missing.qcow2'), mnt, '-o', 'ro']);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain(`cannot mount ${join(dir, 'missing.qcow2')}`);
+    const typo = await q(['inf0', image]);
+    expect(typo.code).toBe(1);
+    expect(typo.stderr).toContain("unknown command 'inf0'");
   }, INSTALL_TIMEOUT_MS);
 
   it('without a build dependency the install fails naming the Debian package', async () => {
