@@ -85,9 +85,12 @@ describe.skipIf(!ready)('npm pack and npm install -g of the tarball', () => {
     const env = { ...process.env, QCOW2FUSE_RUNTIME_DIR: join(dir, 'run') };
     const q = (args: string[]) => run(bin, args, { env, cwd: dir });
     for (const flag of ['--version', '-V']) expect(await q([flag])).toEqual({ code: 0, stdout: `qcow2fuse ${manifest.version}\n`, stderr: '' });
-    const help = await q(['help', 'info']);
-    expect(help).toEqual({ ...await q(['info', '--help']), code: 0 });
-    expect(help.stdout).toContain('--force-share');
+    for (const command of ['create', 'info', 'map', 'check', 'convert', 'resize', 'snapshot', 'bench', 'mount', 'unmount', 'demo']) {
+      const help = await q(['help', command]);
+      expect(help).toEqual({ code: 0, stdout: expect.stringMatching(new RegExp(`^usage: qcow2fuse ${command} `)), stderr: '' });
+      expect(await q([command, '--help'])).toEqual(help);
+    }
+    expect((await q(['help', 'info'])).stdout).toContain('--force-share');
 
     const image = join(dir, 'vm.qcow2');
     expect((await q(['create', '-q', '-f', 'qcow2', image, '32M'])).code).toBe(0);
