@@ -11,7 +11,7 @@
  * namespace. Writes land as pattern data checked with qemu-img afterwards, and every image ends
  * with `qemu-img check`.
  */
-import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { run } from '../helpers/exec.js';
@@ -128,5 +128,25 @@ closed
     expect(await readFile(join(s.out, 'qemu-io.err'), 'utf8')).toContain('Failed to get "write" lock');
     await qemuImgCheckClean(s.image);
     await expectGuest(s.image, 5 * MiB, MiB, 12);
+  });
+
+  it('a /sbin/mount.fuse.qcow2fuse link to qcow2fuse lets mount(8) run it directly, without mount.fuse3', async () => {
+    const s = await scenario();
+    await writePatternFile(join(s.dir, 'data3'), MiB, 13);
+    // A directory holding only the link hides /usr/sbin (= /sbin) in the namespace: no mount.fuse3 there.
+    await mkdir(join(s.dir, 'sbin'));
+    await symlink(join(s.dir, 'bin', 'qcow2fuse'), join(s.dir, 'sbin', 'mount.fuse.qcow2fuse'));
+    const result = await inNamespace(s, `
+mount --bind "$DIR/sbin" /usr/sbin
+test ! -e /sbin/mount.fuse3
+mount -t fuse.qcow2fuse "$IMG" "$MNT" -o '${MOUNT8_OPTIONS}'
+dd if="$DIR/data3" of="$MNT/disk.raw" bs=1M seek=9 conv=notrunc status=none
+umount "$MNT"
+closed
+`);
+    expect(result.stderr).toBe('');
+    expect(result.code).toBe(0);
+    await qemuImgCheckClean(s.image);
+    await expectGuest(s.image, 9 * MiB, MiB, 13);
   });
 });
