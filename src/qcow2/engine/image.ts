@@ -54,12 +54,12 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   /**
-   * Open an image. Read-only opens share every permission with other users (like `qemu-img -U`);
-   * writable opens take QEMU's write locks. Backing files open read-only.
+   * Open an image. Read-only opens take QEMU's reader locks (or share everything with forceShare,
+   * like `qemu-img -U`); writable opens take QEMU's write locks. Backing files open as readers.
    */
   static async open(path: string, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const s = await openImageState(path, options, (p, f, chain) => Qcow2Image.open(p, {
-      readOnly: true, file: f, chain, openHostFile: options.openHostFile, cache: options.cache,
+      readOnly: true, file: f, chain, openHostFile: options.openHostFile, cache: options.cache, forceShare: options.forceShare,
     }));
     return new Qcow2Image(s);
   }

@@ -31,12 +31,14 @@ const trace = debugFactory('qcow2fuse:qcow2');
 export type BackingQcow2Opener = (path: string, file: HostFile, chain: string[]) => Promise<BackingReader>;
 
 /**
- * Open the image at `path` into an ImageState. Read-only opens share every permission with other
- * users (like `qemu-img -U`); writable opens take QEMU's write locks. Backing files open read-only.
+ * Open the image at `path` into an ImageState. Read-only opens take QEMU's reader locks (or share
+ * everything with forceShare, like `qemu-img -U`); writable opens take QEMU's write locks. Backing
+ * files open as readers.
  */
 export async function openImageState(path: string, options: Qcow2OpenOptions, openQcow2Backing: BackingQcow2Opener): Promise<ImageState> {
   const opener = options.openHostFile;
-  const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', aio: options.aio, lock: options.lock ?? true };
+  const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', aio: options.aio, lock: options.lock ?? true,
+    forceShare: options.forceShare };
   const rawFile = options.file ?? await opener(path, fileOptions);
   const file = new SizeTrackingFile(rawFile, await rawFile.size());
   const cleanup: (() => Promise<void>)[] = [() => file.close()];
@@ -57,8 +59,10 @@ export async function openImageState(path: string, options: Qcow2OpenOptions, op
       cleanup.push(() => dataFile.close());
     }
     let backing: BackingReader | undefined;
-    if (header.backingFile !== undefined) {
-      backing = await openBacking(path, header.backingFile, header.backingFormat, { opener, chain: options.chain ?? [path], openQcow2: openQcow2Backing });
+    if (header.backingFile !== undefined && options.noBacking !== true) {
+      backing = await openBacking(path, header.backingFile, header.backingFormat, {
+        opener, chain: options.chain ?? [path], forceShare: options.forceShare, openQcow2: openQcow2Backing,
+      });
       const b = backing;
       cleanup.push(() => b.close());
     }

@@ -19,6 +19,10 @@ export interface Qcow2OpenOptions {
   decompressedCacheBytes?: number;
   /** Take QEMU-compatible locks (default true). */
   lock?: boolean;
+  /** Read-only opens: share every permission (qemu-img -U), down the backing chain too. */
+  forceShare?: boolean;
+  /** Do not open the backing chain (QEMU's BDRV_O_NO_BACKING, as qemu-img info): unallocated clusters read as zeros. */
+  noBacking?: boolean;
   /**
    * How host files are opened (the image, its data file, backing files). src/qcow2 knows only the
    * HostFile interface: the Node opener (io/node-host-file) is passed by src/node.ts.
