@@ -109,18 +109,19 @@ describe('read and write', () => {
 });
 
 describe('growth and truncation', () => {
-  it('a write past the end grows the file to the write end, rounded up to 512; fsync trims the image to it', async () => {
+  it('a write past the end grows the file to exactly the write end; fsync trims the image to it rounded up to 512', async () => {
     const { device, handlers } = setup(new MemoryDevice(0));
     const fh = await handlers.open('/disk.raw', constants.O_WRONLY);
     expect(await handlers.write('/disk.raw', fh, pattern(1000, 1), 0)).toBe(1000);
-    expect((await handlers.getattr('/disk.raw')).size).toBe(1024);
-    expect(await handlers.write('/disk.raw', fh, pattern(512, 2), 10 * MiB)).toBe(512);
-    expect((await handlers.getattr('/disk.raw')).size).toBe(10 * MiB + 512);
-    expect((await handlers.read('/disk.raw', fh, MiB, 10 * MiB)).length).toBe(512);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(1000);
+    expect(await handlers.write('/disk.raw', fh, pattern(501, 2), 10 * MiB)).toBe(501);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(10 * MiB + 501);
+    expect((await handlers.read('/disk.raw', fh, MiB, 10 * MiB)).length).toBe(501);
     await handlers.fsync('/disk.raw', false, fh);
     expect(device.virtualSize).toBe(10 * MiB + 512);
-    expect(device.data.subarray(1024, 10 * MiB).every((b) => b === 0)).toBe(true);
-    expect(Buffer.compare(device.data.subarray(10 * MiB), pattern(512, 2))).toBe(0);
+    expect(device.data.subarray(1000, 10 * MiB).every((b) => b === 0)).toBe(true);
+    expect(Buffer.compare(device.data.subarray(10 * MiB, 10 * MiB + 501), pattern(501, 2))).toBe(0);
+    expect(device.data.subarray(10 * MiB + 501).every((b) => b === 0)).toBe(true);
   });
 
   it('grows the image ahead, geometrically: a sequential copy resizes it a few times, not per write', async () => {
@@ -165,13 +166,16 @@ describe('growth and truncation', () => {
     expect(device.resizes).toEqual([64 * MiB]);
   });
 
-  it('truncate resizes (shrink frees, grow reads zeros), rounding up to 512', async () => {
+  it('truncate sets the exact size (shrink frees and zeroes the rest of the last sector, grow reads zeros); the image is that size rounded up to 512', async () => {
     const { device, handlers } = setup(new MemoryDevice(pattern(8192, 3)));
     await handlers.truncate('/disk.raw', 1000);
     expect(device.virtualSize).toBe(1024);
-    expect((await handlers.getattr('/disk.raw')).size).toBe(1024);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(1000);
+    expect(device.data.subarray(1000, 1024).every((b) => b === 0)).toBe(true);
     await handlers.truncate('/disk.raw', 4096);
-    expect(device.data.subarray(1024).every((b) => b === 0)).toBe(true);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(4096);
+    expect(Buffer.compare(device.data.subarray(0, 1000), pattern(8192, 3).subarray(0, 1000))).toBe(0);
+    expect(device.data.subarray(1000).every((b) => b === 0)).toBe(true);
     const fh = await handlers.open('/disk.raw', constants.O_RDWR);
     await handlers.ftruncate('/disk.raw', fh, 0);
     expect(device.virtualSize).toBe(0);
@@ -241,11 +245,14 @@ describe('read-only', () => {
 });
 
 describe('inspection files', () => {
-  it('generates content at open, reports its size, keeps it per handle', async () => {
-    const { handlers } = setup(new MemoryDevice(4 * MiB));
-    expect((await handlers.getattr('/info.json')).size).toBe(0);
+  it('reports the real size before any open, serves that content at open, keeps it per handle', async () => {
+    const { device, handlers } = setup(new MemoryDevice(4 * MiB));
+    const sizeBefore = (await handlers.getattr('/info.json')).size;
+    expect(sizeBefore).toBeGreaterThan(0);
     const fh1 = await handlers.open('/info.json', constants.O_RDONLY);
+    expect(device.calls.infoJson).toBe(1);
     const size1 = (await handlers.getattr('/info.json')).size;
+    expect(size1).toBe(sizeBefore);
     const text1 = (await handlers.read('/info.json', fh1, 1 << 20, 0)).toString();
     expect(text1.length).toBe(size1);
     expect(JSON.parse(text1)).toMatchObject({ 'virtual-size': 4 * MiB, format: 'qcow2' });
