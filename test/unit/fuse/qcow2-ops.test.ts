@@ -94,6 +94,20 @@ describe('fallocate PUNCH_HOLE|KEEP_SIZE', () => {
     expect((await qemuImgCheckClean(image))['allocated-clusters']).toBe(2);
   });
 
+  it('with extended L2: a partial-cluster punch whose rest is unallocated frees the whole cluster', async () => {
+    const image = tmp.file('x.qcow2');
+    await qemuImgCreate(image, MiB, { extended_l2: true, cluster_size: 65536 });
+    await qemuIoOk(image, ['write -P 0x11 0 4k', 'write -P 0x12 65536 64k']);
+    const m = await openHandlers(image);
+    await m.handlers.fallocate(RAW, m.fh, PUNCH, 0, 4096);
+    await m.handlers.fallocate(RAW, m.fh, PUNCH, 65536 + 2048, 2048);
+    await m.close();
+    await expectBytes(image, [[0, 65536, 0], [65536, 2048, 0x12], [67584, 2048, 0], [69632, 61440, 0x12]]);
+    const map = await qemuImgMap(image);
+    expect(dataBytesIn(map, 0, 65536)).toBe(0);
+    expect((await qemuImgCheckClean(image))['allocated-clusters']).toBe(1);
+  });
+
   for (const compat of ['1.1', '0.10']) {
     it(`over a backing file (compat=${compat}): the backing data never shows through again`, async () => {
       const base = tmp.file('base.qcow2');
@@ -243,6 +257,26 @@ describe('lseek SEEK_DATA / SEEK_HOLE', () => {
     expect(await seekOrErrno(m.handlers, RAW, m.fh, size + 4096, SEEK_HOLE)).toBe('ENXIO');
     expect(await seekOrErrno(m.handlers, RAW, m.fh, -1, SEEK_DATA)).toBe('ENXIO');
     expect(await seekOrErrno(m.handlers, RAW, m.fh, 0, 0)).toBe('EINVAL');
+    await m.close();
+  });
+
+  it('finds the holes of a raw backing file, as qemu-img map does', async () => {
+    const base = tmp.file('base.raw');
+    const top = tmp.file('top.qcow2');
+    await qemuImgCreate(base, 4 * MiB, {}, { format: 'raw' });
+    await qemuIoOk(base, ['write -P 0x51 1M 128k', 'write -P 0x52 3M 4k'], { format: 'raw' });
+    await qemuImgCreate(top, 4 * MiB, {}, { backing: base, backingFormat: 'raw' });
+    await qemuIoOk(top, ['write -P 0x53 2M 64k']);
+    const map = await qemuImgMap(top);
+    const m = await openHandlers(top, { readOnly: true });
+    for (const e of map) {
+      for (const pos of [e.start, e.start + e.length - 1]) {
+        for (const whence of [SEEK_DATA, SEEK_HOLE]) {
+          expect([pos, whence, await seekOrErrno(m.handlers, RAW, m.fh, pos, whence)]).toEqual([pos, whence, expectedSeek(map, 4 * MiB, pos, whence) ?? 'ENXIO']);
+        }
+      }
+    }
+    expect(await m.handlers.lseek(RAW, m.fh, 65536, SEEK_DATA)).toBe(MiB); // qemu-img create allocates the raw file's first block only
     await m.close();
   });
 
