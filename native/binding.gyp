@@ -6,7 +6,7 @@
   "targets": [
     {
       "target_name": "qcow2fuse_native",
-      "sources": ["addon.c"],
+      "sources": ["addon.c", "util.c", "jobs.c", "aligned.c", "file.c", "codecs.c", "aio.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"],
       "defines": ["_GNU_SOURCE", "NAPI_VERSION=8"],
       "libraries": [

@@ -1,5 +1,5 @@
 /**
- * Typed wrapper of the native addon (native/addon.c): the only module that loads it.
+ * Typed wrapper of the native addon (native/*.c): the only module that loads it.
  *
  * Every offset and length is a byte count carried as a safe integer (the addon rejects anything
  * else with a RangeError). Syscall failures reject/throw an Error with `code` = errno name
