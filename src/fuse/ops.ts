@@ -110,6 +110,13 @@ export interface FsHandlers {
   flush(path: string, fh: number): Promise<void>;
   fsync(path: string, datasync: boolean, fh: number): Promise<void>;
   statfs(path: string): Promise<FsStat>;
+  /**
+   * fallocate(2) on an open file: `mode` is FALLOC_FL_* bits (0 = allocate, PUNCH_HOLE|KEEP_SIZE =
+   * discard, ZERO_RANGE[|KEEP_SIZE] = write zeroes); other modes EOPNOTSUPP.
+   */
+  fallocate(path: string, fh: number, mode: number, offset: number, length: number): Promise<void>;
+  /** lseek(2) SEEK_DATA (3) / SEEK_HOLE (4) on an open file: the resulting offset; ENXIO past the end. */
+  lseek(path: string, fh: number, offset: number, whence: number): Promise<number>;
   utimens(path: string, atime: Date, mtime: Date): Promise<void>;
   /** Creating, removing, renaming and re-owning entries: always refused (EPERM, EROFS when read-only). */
   refuse(op: string, path: string): Promise<never>;
@@ -492,6 +499,16 @@ export function createHandlers(device: InspectableDevice, options: OpsOptions): 
       if (handle(path, fh).kind !== 'raw') return;
       await trim();
       await device.flush();
+    },
+
+    async fallocate(path, fh) {
+      handle(path, fh);
+      throw fsError('EOPNOTSUPP', `${path}: fallocate is not implemented yet`);
+    },
+
+    async lseek(path, fh) {
+      handle(path, fh);
+      throw fsError('EOPNOTSUPP', `${path}: lseek is not implemented yet`);
     },
 
     async statfs() {
