@@ -12,7 +12,7 @@
 
 static napi_value init(napi_env env, napi_value exports) {
   if (!register_aligned(env, exports) || !register_file(env, exports) || !register_codecs(env, exports) ||
-      !register_aio(env, exports)) {
+      !register_aio(env, exports) || !register_fuse_session(env, exports)) {
     return NULL;
   }
   return exports;
