@@ -317,7 +317,7 @@ describe('inspection files', () => {
   });
 
   it('regenerates for getattr only after the image changed; each open keeps its snapshot; old snapshots close', async () => {
-    const { device, handlers } = setup(new MemoryDevice(4 * MiB), { capture: { memoryLimitBytes: 10 } });
+    const { handlers } = setup(new MemoryDevice(4 * MiB), { capture: { memoryLimitBytes: 10 } });
     const first = (await handlers.getattr('/map.json')).size;
     await handlers.getattr('/map.json');
     const fh1 = await handlers.open('/map.json', constants.O_RDONLY);
