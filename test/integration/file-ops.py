@@ -4,7 +4,7 @@
   file-ops.py seek PATH OFFSET...          one JSON line: {"OFFSET": [data, hole], ...}, each an offset or an errno name
   file-ops.py extents PATH                 one JSON line: the data extents [[start, end], ...] found with SEEK_DATA/SEEK_HOLE
   file-ops.py fallocate PATH MODE OFF LEN  fallocate(2) with the numeric MODE on PATH opened O_RDWR (or O_RDONLY with MODE
-                                           prefixed 'r'); prints 'ok' or the errno name
+                                           prefixed 'r'); prints 'ok', the errno name, or 'open ERRNO' when the open fails
   file-ops.py sizes SEED STEPS A B         the same random sequence of size-changing operations (truncate to unaligned
                                            sizes, writes ending at unaligned offsets, mmap reads and writes of the last
                                            page) on files A and B; after each step both must agree in st_size and bytes.
@@ -24,8 +24,13 @@ libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
+def errname_of(number):
+    """The errno name (EOPNOTSUPP rather than its Linux alias ENOTSUP)."""
+    return "EOPNOTSUPP" if number == errno.EOPNOTSUPP else errno.errorcode.get(number, str(number))
+
+
 def errname(err):
-    return errno.errorcode.get(err.errno, str(err.errno))
+    return errname_of(err.errno)
 
 
 def seek_both(fd, offset):
@@ -68,10 +73,14 @@ def cmd_extents(path):
 
 def cmd_fallocate(path, mode, offset, length):
     flags = os.O_RDONLY if mode.startswith("r") else os.O_RDWR
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        print(f"open {errname(err)}")
+        return
     try:
         if libc.fallocate(fd, int(mode.lstrip("r"), 0), int(offset), int(length)) != 0:
-            print(errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno())))
+            print(errname_of(ctypes.get_errno()))
         else:
             print("ok")
     finally:
