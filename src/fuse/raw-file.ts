@@ -183,7 +183,7 @@ export class RawFile {
         return written;
       }
       await this.lock.exclusive(async () => {
-        if (this.device.virtualSize < position + data.length) await this.device.resize(this.growTarget(position + data.length));
+        if (this.device.virtualSize < position + data.length) await this.growDeviceLocked(this.growTarget(position + data.length));
       });
     }
   }
@@ -264,9 +264,20 @@ export class RawFile {
       if (target !== this.device.virtualSize) await this.device.resize(target);
       if (size < target) await this.device.zeroRange(size, target - size, false);
     } else if (target > this.device.virtualSize) {
-      await this.device.resize(target);
+      await this.growDeviceLocked(target);
     }
     this.logicalSize = size;
+  }
+
+  /**
+   * Grow the image to `target` bytes. The new area must read as zeros (the file's tail is zero beyond
+   * its size): where a longer backing file would show through, it is zeroed — as QEMU zeroes the new
+   * area of a truncate over a longer backing file. Without one, nothing is written.
+   */
+  private async growDeviceLocked(target: number): Promise<void> {
+    const oldSize = this.device.virtualSize;
+    await this.device.resize(target);
+    await this.device.zeroRange(oldSize, target - oldSize, false);
   }
 
   /** The device size to grow to for a write ending at `end` (ahead of it, unless the image cannot shrink back). */
