@@ -48,6 +48,8 @@
 /* Largest write the kernel sends (so it negotiates max_pages = 256), and the read-ahead offered. */
 #define MAX_WRITE_BYTES (1024 * 1024)
 #define MAX_READAHEAD_BYTES (1024 * 1024)
+/* Asynchronous requests the kernel may have outstanding at once (see session_init). */
+#define MAX_BACKGROUND 64
 /* Receive buffer: the largest request (a max_write write) plus libfuse's header allowance. */
 #define RECEIVE_BUFFER_BYTES (MAX_WRITE_BYTES + 4096)
 /* Free receive buffers kept for reuse; more are freed. */
@@ -320,6 +322,12 @@ static void session_init(void *userdata, struct fuse_conn_info *conn) {
   conn->want |= conn->capable & (FUSE_CAP_ASYNC_DIO | FUSE_CAP_ASYNC_READ | FUSE_CAP_ATOMIC_O_TRUNC);
   /* Our file sizes change under the kernel (inspection files on open): re-validate on each getattr. */
   conn->want |= conn->capable & FUSE_CAP_AUTO_INVAL_DATA;
+  /*
+   * Asynchronous requests (read-ahead, async direct I/O) the kernel keeps in flight to us: its
+   * default of 12 would cap a queue of O_DIRECT requests at 12 however deep the client's queue is.
+   */
+  conn->max_background = MAX_BACKGROUND;
+  conn->congestion_threshold = MAX_BACKGROUND * 3 / 4;
 }
 
 static uint64_t fh_of(struct fuse_file_info *fi) {
