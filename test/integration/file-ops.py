@@ -4,10 +4,13 @@
   file-ops.py seek PATH OFFSET...          one JSON line: {"OFFSET": [data, hole], ...}, each an offset or an errno name
   file-ops.py extents PATH                 one JSON line: the data extents [[start, end], ...] found with SEEK_DATA/SEEK_HOLE
   file-ops.py fallocate PATH MODE OFF LEN  fallocate(2) with the numeric MODE on PATH opened O_RDWR (or O_RDONLY with MODE
-                                           prefixed 'r'); prints 'ok' or the errno name
-  file-ops.py sizes SEED STEPS A B         the same random sequence of size-changing operations (truncate to unaligned
+                                           prefixed 'r'); prints 'ok', the errno name, or 'open ERRNO' when the open fails
+  file-ops.py sizes SEED STEPS A B [nommap]  the same random sequence of size-changing operations (truncate to unaligned
                                            sizes, writes ending at unaligned offsets, mmap reads and writes of the last
-                                           page) on files A and B; after each step both must agree in st_size and bytes.
+                                           page, fallocate allocate/punch/zero at unaligned ranges) on files A and B;
+                                           after each step both must agree in st_size and bytes, and every hole that
+                                           SEEK_HOLE/SEEK_DATA report in B must read as zeros. 'nommap' leaves mmap out
+                                           (a direct_io file cannot be mapped shared).
                                            Prints one JSON line {"steps": N, "size": final size}; exits 1 at the first
                                            difference with a description.
 """
@@ -24,8 +27,13 @@ libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
+def errname_of(number):
+    """The errno name (EOPNOTSUPP rather than its Linux alias ENOTSUP)."""
+    return "EOPNOTSUPP" if number == errno.EOPNOTSUPP else errno.errorcode.get(number, str(number))
+
+
 def errname(err):
-    return errno.errorcode.get(err.errno, str(err.errno))
+    return errname_of(err.errno)
 
 
 def seek_both(fd, offset):
@@ -68,10 +76,14 @@ def cmd_extents(path):
 
 def cmd_fallocate(path, mode, offset, length):
     flags = os.O_RDONLY if mode.startswith("r") else os.O_RDWR
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        print(f"open {errname(err)}")
+        return
     try:
         if libc.fallocate(fd, int(mode.lstrip("r"), 0), int(offset), int(length)) != 0:
-            print(errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno())))
+            print(errname_of(ctypes.get_errno()))
         else:
             print("ok")
     finally:
@@ -81,9 +93,25 @@ def cmd_fallocate(path, mode, offset, length):
 PAGE = mmap.PAGESIZE
 
 
-def step(rng, fds, size, max_size):
-    """One random operation applied to every fd; returns its description."""
-    kind = rng.choice(["truncate", "truncate", "write", "write", "mmap-write", "mmap-read"])
+FALLOCATE_MODES = {"allocate": 0, "punch": 0x03, "zero": 0x10, "zero-keep-size": 0x11}
+
+
+def fallocate(fd, mode, offset, length):
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def step(rng, fds, size, max_size, kinds):
+    """One random operation of `kinds` applied to every fd; returns its description."""
+    kind = rng.choice(kinds)
+    if kind == "fallocate":
+        name = rng.choice(sorted(FALLOCATE_MODES))
+        offset = rng.randrange(0, max_size)
+        length = rng.randrange(1, max(2, min(max_size - offset, 4 * 65536)))
+        for fd in fds:
+            fallocate(fd, FALLOCATE_MODES[name], offset, length)
+        return f"fallocate {name} [{offset}, {offset + length})"
     if kind == "truncate":
         new = rng.randrange(0, max_size)
         for fd in fds:
@@ -118,6 +146,24 @@ def step(rng, fds, size, max_size):
     return f"mmap-write [{last + at}, {last + at + n})"
 
 
+def check_holes(fd, size, what):
+    """Every hole SEEK_DATA/SEEK_HOLE report in fd reads as zeros."""
+    pos = 0
+    while pos < size:
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        if hole >= size:
+            return
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+            data = size
+        if any(os.pread(fd, data - hole, hole)):
+            raise AssertionError(f"after {what}: the hole [{hole}, {data}) does not read as zeros")
+        pos = data
+
+
 def compare(fds, what):
     sizes = [os.fstat(fd).st_size for fd in fds]
     if sizes[0] != sizes[1]:
@@ -126,16 +172,20 @@ def compare(fds, what):
     if contents[0] != contents[1]:
         first = next(i for i, (a, b) in enumerate(zip(contents[0], contents[1])) if a != b) if len(contents[0]) == len(contents[1]) else min(map(len, contents))
         raise AssertionError(f"after {what}: contents differ at byte {first} (lengths {len(contents[0])}, {len(contents[1])})")
+    check_holes(fds[1], sizes[1], what)
     return sizes[0]
 
 
-def cmd_sizes(seed, steps, a, b):
+def cmd_sizes(seed, steps, a, b, mmap_mode="mmap"):
     rng = random.Random(int(seed))
+    kinds = ["truncate", "truncate", "write", "write", "fallocate", "fallocate"]
+    if mmap_mode == "mmap":
+        kinds += ["mmap-write", "mmap-read"]
     fds = [os.open(p, os.O_RDWR) for p in (a, b)]
     try:
         size = compare(fds, "open")
         for i in range(int(steps)):
-            what = step(rng, fds, size, 3 * 65536 + 777)
+            what = step(rng, fds, size, 3 * 65536 + 777, kinds)
             try:
                 size = compare(fds, f"step {i}: {what}")
             except AssertionError as err:

@@ -229,7 +229,7 @@ describe.skipIf(!ready)('fallocate on disk.raw', () => {
       }
       expect(await fileOps(['fallocate', disk, '0x40', 0, 4096])).toBe('EOPNOTSUPP'); // UNSHARE_RANGE
       expect(await fileOps(['fallocate', join(f.mnt, 'info.json'), 'r3', 0, 4096])).toBe('EBADF');
-      expect(await fileOps(['fallocate', join(f.mnt, 'map.json'), '3', 0, 4096])).toBe('EACCES'); // opening it for writing
+      expect(await fileOps(['fallocate', join(f.mnt, 'map.json'), '3', 0, 4096])).toBe('open EACCES');
       expect(JSON.parse(await fileOps(['seek', disk, 4 * MiB, 4 * MiB + 1, 2 ** 40]))).toEqual({
         [4 * MiB]: ['ENXIO', 'ENXIO'], [4 * MiB + 1]: ['ENXIO', 'ENXIO'], [2 ** 40]: ['ENXIO', 'ENXIO'],
       });
@@ -315,27 +315,45 @@ describe.skipIf(!ready)('SEEK_DATA / SEEK_HOLE on disk.raw', () => {
 describe.skipIf(!ready)('POSIX sizes of disk.raw', () => {
   beforeAll(checkBuild);
 
-  it('truncates, unaligned writes and mmap of the last page match a host file step by step; the image is the size rounded up to 512', async () => {
-    const f = await fixture('sizes');
-    try {
-      const image = join(f.dir, 'a.qcow2');
-      await qemuImgCreate(image, 0);
-      const model = join(f.dir, 'model');
-      await writeFile(model, '');
-      await mount(f, image);
-      const result = JSON.parse(await fileOps(['sizes', 20261206, 400, model, join(f.mnt, 'disk.raw')])) as { steps: number; size: number };
-      expect(result.steps).toBe(400);
-      await unmount(f);
-      const virtualSize = (await qemuImgInfo(image))['virtual-size'];
-      expect(virtualSize).toBe(Math.ceil(result.size / 512) * 512);
-      const converted = join(f.dir, 'converted.raw');
-      await qemuImgConvertToRaw(image, converted);
-      const expected = Buffer.alloc(virtualSize);
-      (await readFile(model)).copy(expected);
-      expect((await readFile(converted)).equals(expected)).toBe(true);
-      await qemuImgCheckClean(image);
-    } finally {
-      await cleanup(f);
-    }
-  });
+  const cases = [
+    { name: 'an empty image', backing: false, options: [] as string[] },
+    { name: 'an image over a longer backing file', backing: true, options: [] as string[] },
+    // compress implies direct_io, and libfuse 3.14 cannot negotiate FUSE_DIRECT_IO_ALLOW_MMAP: the
+    // kernel answers ENODEV to a shared mmap there, so that sequence leaves mmap out.
+    { name: 'a compressed mount over a backing file (no mmap)', backing: true, options: ['compress'] },
+  ];
+  for (const c of cases) {
+    it(`truncate, unaligned writes, fallocate and mmap of the last page match a host file step by step: ${c.name}`, async () => {
+      const f = await fixture('sizes');
+      try {
+        const image = join(f.dir, 'a.qcow2');
+        const model = join(f.dir, 'model');
+        if (c.backing) {
+          const base = join(f.dir, 'base.qcow2');
+          await qemuImgCreate(base, 256 * 1024);
+          await qemuIoOk(base, ['write -P 0x05 0 256k']);
+          await qemuImgCreate(image, 128 * 1024, {}, { backing: base });
+          await writeFile(model, Buffer.alloc(128 * 1024, 0x05));
+        } else {
+          await qemuImgCreate(image, 0);
+          await writeFile(model, '');
+        }
+        await mount(f, image, c.options);
+        const mmap = c.options.includes('compress') ? 'nommap' : 'mmap';
+        const result = JSON.parse(await fileOps(['sizes', 20261206, 400, model, join(f.mnt, 'disk.raw'), mmap])) as { steps: number; size: number };
+        expect(result.steps).toBe(400);
+        await unmount(f);
+        const virtualSize = (await qemuImgInfo(image))['virtual-size'];
+        expect(virtualSize).toBe(Math.ceil(result.size / 512) * 512);
+        const converted = join(f.dir, 'converted.raw');
+        await qemuImgConvertToRaw(image, converted);
+        const expected = Buffer.alloc(virtualSize);
+        (await readFile(model)).copy(expected);
+        expect((await readFile(converted)).equals(expected)).toBe(true);
+        await qemuImgCheckClean(image);
+      } finally {
+        await cleanup(f);
+      }
+    });
+  }
 });

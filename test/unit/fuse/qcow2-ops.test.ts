@@ -334,6 +334,27 @@ describe('lseek SEEK_DATA / SEEK_HOLE', () => {
 describe('disk.raw POSIX sizes on a real image', () => {
   const tmp = useTempDir('ops-size');
 
+  for (const compat of ['1.1', '0.10']) {
+    it(`over a longer backing file (compat=${compat}): bytes past a shrink read as zeros when the file grows again`, async () => {
+      const base = tmp.file('base.qcow2');
+      const top = tmp.file('top.qcow2');
+      await qemuImgCreate(base, MiB, { compat });
+      await qemuIoOk(base, ['write -P 0x05 0 1M']);
+      await qemuImgCreate(top, MiB, { compat }, { backing: base });
+      const m = await openHandlers(top);
+      await m.handlers.truncate(RAW, 27_789);
+      await m.handlers.write(RAW, m.fh, Buffer.alloc(4066, 0x06), 119_663);
+      await m.handlers.ftruncate(RAW, m.fh, 200_000);
+      const expected = Buffer.alloc(200_000);
+      expected.fill(0x05, 0, 27_789);
+      expected.fill(0x06, 119_663, 123_729);
+      expect((await m.handlers.read(RAW, m.fh, 300_000, 0)).equals(expected)).toBe(true);
+      await m.close();
+      await expectBytes(top, [[0, 27_789, 0x05], [27_789, 119_663 - 27_789, 0], [119_663, 4066, 0x06], [123_729, 200_192 - 123_729, 0]]);
+      await qemuImgCheckClean(top);
+    });
+  }
+
   it('truncate and writes give exact sizes; the image is that size rounded up to 512; bytes past a shrink read as zeros', async () => {
     const image = tmp.file('a.qcow2');
     await qemuImgCreate(image, 256 * KiB);
