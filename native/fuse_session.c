@@ -44,10 +44,14 @@
 #include <uv.h>
 
 /* Requests read and dispatched per wakeup of the loop before yielding to other work. */
+#ifndef REQUESTS_PER_WAKEUP
 #define REQUESTS_PER_WAKEUP 64
+#endif
 /* Largest write the kernel sends (so it negotiates max_pages = 256), and the read-ahead offered. */
 #define MAX_WRITE_BYTES (1024 * 1024)
 #define MAX_READAHEAD_BYTES (1024 * 1024)
+/* Asynchronous requests the kernel may have outstanding at once (see session_init). */
+#define MAX_BACKGROUND 64
 /* Receive buffer: the largest request (a max_write write) plus libfuse's header allowance. */
 #define RECEIVE_BUFFER_BYTES (MAX_WRITE_BYTES + 4096)
 /* Free receive buffers kept for reuse; more are freed. */
@@ -318,8 +322,18 @@ static void session_init(void *userdata, struct fuse_conn_info *conn) {
   conn->max_write = MAX_WRITE_BYTES;
   conn->max_readahead = MAX_READAHEAD_BYTES;
   conn->want |= conn->capable & (FUSE_CAP_ASYNC_DIO | FUSE_CAP_ASYNC_READ | FUSE_CAP_ATOMIC_O_TRUNC);
-  /* Our file sizes change under the kernel (inspection files on open): re-validate on each getattr. */
-  conn->want |= conn->capable & FUSE_CAP_AUTO_INVAL_DATA;
+  /*
+   * No automatic invalidation: with it, the kernel refreshes the attributes before every read (with
+   * our attr_timeout of 0, a GETATTR round trip per read). Cached pages are dropped on open instead
+   * (no keep_cache, libfuse 2's behaviour) and by notify_inval_inode where we change data behind them.
+   */
+  conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  /*
+   * Asynchronous requests (read-ahead, async direct I/O) the kernel keeps in flight to us: its
+   * default of 12 would cap a queue of O_DIRECT requests at 12 however deep the client's queue is.
+   */
+  conn->max_background = MAX_BACKGROUND;
+  conn->congestion_threshold = MAX_BACKGROUND * 3 / 4;
 }
 
 static uint64_t fh_of(struct fuse_file_info *fi) {
