@@ -6,8 +6,8 @@
  * byte count: `truncate -s 100000` or a write ending at byte 100001 gives exactly that. The image is
  * at least the logical size rounded up to 512 bytes (QEMU's sector), and beyond the logical size it
  * only ever holds zeros — so bytes past a shrink read as zeros when the file grows again: a shrink to
- * an unaligned size zeroes the rest of its last sector, and growing the image zeroes what a longer
- * backing file would otherwise show through. When the file is trimmed (fsync, before an
+ * an unaligned size zeroes the rest of its last sector, and the device grows with zeros (a longer
+ * backing file does not show through: Qcow2Device.resize). When the file is trimmed (fsync, before an
  * inspection file is generated, at unmount) the image's virtual size becomes the logical size rounded
  * up to 512 bytes, as `qemu-img resize` of that size would leave it.
  *
@@ -184,7 +184,7 @@ export class RawFile {
         return written;
       }
       await this.lock.exclusive(async () => {
-        if (this.device.virtualSize < position + data.length) await this.growDeviceLocked(this.growTarget(position + data.length));
+        if (this.device.virtualSize < position + data.length) await this.device.resize(this.growTarget(position + data.length));
       });
     }
   }
@@ -265,21 +265,11 @@ export class RawFile {
       if (target !== this.device.virtualSize) await this.device.resize(target);
       if (size < target) await this.device.zeroRange(size, target - size, false);
     } else if (target > this.device.virtualSize) {
-      await this.growDeviceLocked(target);
+      await this.device.resize(target);
     }
     this.logicalSize = size;
   }
 
-  /**
-   * Grow the image to `target` bytes. The new area must read as zeros (the file's tail is zero beyond
-   * its size): where a longer backing file would show through, it is zeroed — as QEMU zeroes the new
-   * area of a truncate over a longer backing file. Without one, nothing is written.
-   */
-  private async growDeviceLocked(target: number): Promise<void> {
-    const oldSize = this.device.virtualSize;
-    await this.device.resize(target);
-    await this.device.zeroRange(oldSize, target - oldSize, false);
-  }
 
   /** The device size to grow to for a write ending at `end` (ahead of it, unless the image cannot shrink back). */
   private growTarget(end: number): number {
