@@ -794,24 +794,6 @@ static napi_value js_session_close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* sessionInvalidate(session, ino): drop the kernel's cached pages of an inode (notify_inval_inode). */
-static napi_value js_session_invalidate(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  session_t *s;
-  int64_t ino;
-  if (!get_args(env, info, 2, argv) || (s = get_session(env, argv[0])) == NULL ||
-      !get_safe_uint(env, argv[1], "ino", &ino)) {
-    return NULL;
-  }
-  if (!s->closed) {
-    int res = fuse_lowlevel_notify_inval_inode(s->se, (fuse_ino_t)ino, 0, 0);
-    if (res != 0 && res != -ENOENT) {
-      throw_errno(env, -res, "fuse_lowlevel_notify_inval_inode");
-    }
-  }
-  return NULL;
-}
-
 /* ------------------------------------------------------------- replies */
 
 /* Report a failed fuse_reply_* (the kernel refused the answer: the request was interrupted, the mount is gone). */
@@ -1073,7 +1055,6 @@ bool register_fuse_session(napi_env env, napi_value exports) {
   napi_property_descriptor functions[] = {
       {"sessionMount", NULL, js_session_mount, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sessionClose", NULL, js_session_close, NULL, NULL, NULL, napi_enumerable, NULL},
-      {"sessionInvalidate", NULL, js_session_invalidate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyErr", NULL, js_reply_err, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyNone", NULL, js_reply_none, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyAttr", NULL, js_reply_attr, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -40,8 +40,6 @@ export interface SessionAdapter {
   inFlight(): number;
   /** Resolves once no request is in flight. */
   drained(): Promise<void>;
-  /** The inode number of a path (assigned on first use). */
-  inodeOf(path: string): number;
 }
 
 /** Stable inode numbers for paths. */
@@ -190,5 +188,5 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
     }
   };
 
-  return { dispatch, inFlight: () => tracker.inFlight(), drained: () => tracker.drained(), inodeOf: (path) => inodes.inodeOf(path) };
+  return { dispatch, inFlight: () => tracker.inFlight(), drained: () => tracker.drained() };
 }

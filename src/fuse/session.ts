@@ -25,8 +25,7 @@ export class SessionMount implements TransportMount {
   private ended: string | undefined;
   private readonly onEnd: ((why: string) => void)[] = [];
 
-  constructor(readonly mountpoint: string, readonly mountId: number, private readonly handle: FuseSessionHandle,
-    private readonly adapter: SessionAdapter) {}
+  constructor(readonly mountpoint: string, readonly mountId: number, private readonly handle: FuseSessionHandle) {}
 
   /** Called by the session's event callback when it ended by itself. */
   noteEnded(why: string): void {
@@ -55,11 +54,6 @@ export class SessionMount implements TransportMount {
     return () => {
       active = false;
     };
-  }
-
-  /** Drop the kernel's cached pages of a file (FUSE notify_inval_inode). */
-  invalidate(path: string): void {
-    if (!this.released && this.ended === undefined) fuseSession.invalidate(this.handle, this.adapter.inodeOf(path));
   }
 
   /** Stop serving and free the session (requests still pending are answered EIO). Idempotent. */
@@ -101,7 +95,7 @@ export async function mountSession(mountpoint: string, adapter: SessionAdapter, 
     const entry = (await readMounts()).filter((m) => m.mountPoint === mountpoint && !before.has(m.mountId)).at(-1);
     if (entry === undefined) throw new MountError('EIO', `mounted on ${mountpoint}, but the mount is not in /proc/self/mountinfo`);
     if (readaheadBytes !== undefined) await setReadahead(entry.device, readaheadBytes);
-    mount = new SessionMount(mountpoint, entry.mountId, handle, adapter);
+    mount = new SessionMount(mountpoint, entry.mountId, handle);
     return mount;
   } catch (err) {
     fuseSession.close(handle);

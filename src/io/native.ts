@@ -52,7 +52,6 @@ interface NativeAddon {
   aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
   sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void): FuseSessionHandle;
   sessionClose(session: FuseSessionHandle): void;
-  sessionInvalidate(session: FuseSessionHandle, ino: number): void;
   replyErr: (id: number, errno: number) => number;
   replyNone: (id: number) => void;
   replyAttr: (id: number, timeout: number, ...stat: StatFields) => number;
@@ -249,7 +248,6 @@ export const fuseSession = Object.freeze({
   mount: (mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void) =>
     addon.sessionMount(mountpoint, args, dispatch, onEvent),
   close: (session: FuseSessionHandle) => addon.sessionClose(session),
-  invalidate: (session: FuseSessionHandle, ino: number) => addon.sessionInvalidate(session, ino),
   replyErr: addon.replyErr,
   replyNone: addon.replyNone,
   replyAttr: addon.replyAttr,
