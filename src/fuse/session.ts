@@ -65,11 +65,11 @@ export class SessionMount implements TransportMount {
 }
 
 /**
- * Mount `adapter` on `mountpoint` (a checked, real path) with libfuse3 mount options `options`;
- * resolves once the kernel has initialised the connection and the mount is in the mount table.
+ * Mount `adapter` on `mountpoint` (a checked, real path) with libfuse3 mount options `options` (and
+ * the kernel's writeback cache if asked); resolves once the kernel has initialised the connection and the mount is in the mount table.
  */
 export async function mountSession(mountpoint: string, adapter: SessionAdapter, options: readonly string[],
-  readaheadBytes?: number): Promise<SessionMount> {
+  readaheadBytes?: number, writebackCache = false): Promise<SessionMount> {
   const before = new Set((await readMounts()).filter((m) => m.mountPoint === mountpoint).map((m) => m.mountId));
   let mount: SessionMount | undefined;
   let init!: { resolve: () => void; reject: (err: Error) => void };
@@ -85,7 +85,7 @@ export async function mountSession(mountpoint: string, adapter: SessionAdapter, 
   };
   let handle: FuseSessionHandle;
   try {
-    handle = fuseSession.mount(mountpoint, ['-o', [...options, ...(libfuseDebug() ? ['debug'] : [])].join(',')], adapter.dispatch, onEvent);
+    handle = fuseSession.mount(mountpoint, ['-o', [...options, ...(libfuseDebug() ? ['debug'] : [])].join(',')], adapter.dispatch, onEvent, writebackCache);
   } catch (err) {
     const code = (err as { code?: unknown }).code;
     throw new MountError(typeof code === 'string' ? code : 'EIO', `cannot mount on ${mountpoint}: ${(err as Error).message}`, {}, err);
