@@ -87,6 +87,7 @@ struct session {
   bool close_requested;
   bool init_answered;    /* set by session_init (libfuse answers INIT right after it) */
   bool init_reported;
+  bool writeback_cache;  /* asked for by the mount (-o writeback_cache) */
   struct fuse_buf buf;   /* the current receive buffer (mem from the pool) */
   bool buf_given_away;   /* set by session_write when JS took buf.mem */
   napi_ref dispatch_ref;
@@ -328,6 +329,14 @@ static void session_init(void *userdata, struct fuse_conn_info *conn) {
    * (no keep_cache, libfuse 2's behaviour) and by notify_inval_inode where we change data behind them.
    */
   conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  /*
+   * The kernel's writeback cache: small writes land in the page cache and reach us coalesced. fsync,
+   * close and unmount still write everything back to us first (the kernel flushes dirty pages before
+   * FSYNC, FLUSH and the unmount), so durability stays the daemon's fsync.
+   */
+  if (s->writeback_cache) {
+    conn->want |= conn->capable & FUSE_CAP_WRITEBACK_CACHE;
+  }
   /*
    * Asynchronous requests (read-ahead, async direct I/O) the kernel keeps in flight to us: its
    * default of 12 would cap a queue of O_DIRECT requests at 12 however deep the client's queue is.
@@ -720,15 +729,21 @@ static struct fuse_session *session_create(napi_env env, napi_value args_v, cons
 }
 
 /*
- * sessionMount(mountpoint, args, dispatch, onEvent) -> session. Mounts (the kernel's INIT arrives
- * once the loop runs: onEvent('init') says the mount is live) and starts serving. Throws with
+ * sessionMount(mountpoint, args, dispatch, onEvent, writebackCache) -> session. Mounts (the kernel's
+ * INIT arrives once the loop runs: onEvent('init') says the mount is live) and starts serving.
+ * writebackCache asks the kernel to cache writes (FUSE_CAP_WRITEBACK_CACHE) where it can. Throws with
  * libfuse's reason when it cannot mount.
  */
 static napi_value js_session_mount(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
+  napi_value argv[5];
   char mountpoint[4096];
   size_t mp_bytes;
-  if (!get_args(env, info, 4, argv)) {
+  bool writeback_cache;
+  if (!get_args(env, info, 5, argv)) {
+    return NULL;
+  }
+  if (napi_get_value_bool(env, argv[4], &writeback_cache) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "writebackCache must be a boolean");
     return NULL;
   }
   if (napi_get_value_string_utf8(env, argv[0], mountpoint, sizeof mountpoint, &mp_bytes) != napi_ok) {
@@ -741,6 +756,7 @@ static napi_value js_session_mount(napi_env env, napi_callback_info info) {
     return NULL;
   }
   s->env = env;
+  s->writeback_cache = writeback_cache;
   s->se = session_create(env, argv[1], mountpoint, s);
   if (s->se == NULL) {
     free(s);
@@ -791,24 +807,6 @@ static napi_value js_session_close(napi_env env, napi_callback_info info) {
     s->cleanup_hook = NULL;
   }
   session_teardown(s);
-  return NULL;
-}
-
-/* sessionInvalidate(session, ino): drop the kernel's cached pages of an inode (notify_inval_inode). */
-static napi_value js_session_invalidate(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  session_t *s;
-  int64_t ino;
-  if (!get_args(env, info, 2, argv) || (s = get_session(env, argv[0])) == NULL ||
-      !get_safe_uint(env, argv[1], "ino", &ino)) {
-    return NULL;
-  }
-  if (!s->closed) {
-    int res = fuse_lowlevel_notify_inval_inode(s->se, (fuse_ino_t)ino, 0, 0);
-    if (res != 0 && res != -ENOENT) {
-      throw_errno(env, -res, "fuse_lowlevel_notify_inval_inode");
-    }
-  }
   return NULL;
 }
 
@@ -1073,7 +1071,6 @@ bool register_fuse_session(napi_env env, napi_value exports) {
   napi_property_descriptor functions[] = {
       {"sessionMount", NULL, js_session_mount, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sessionClose", NULL, js_session_close, NULL, NULL, NULL, napi_enumerable, NULL},
-      {"sessionInvalidate", NULL, js_session_invalidate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyErr", NULL, js_reply_err, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyNone", NULL, js_reply_none, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyAttr", NULL, js_reply_attr, NULL, NULL, NULL, napi_enumerable, NULL},

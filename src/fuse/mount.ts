@@ -118,7 +118,8 @@ export class MountSession {
     const adapter = createSessionAdapter(handlers, {
       onError, attrTimeout: options.attrTimeout, entryTimeout: options.entryTimeout, kernelCache: options.kernelCache,
     });
-    return { adapter, mount: await mountSession(mountpoint, adapter, libfuse3Options(options, image), options.readaheadBytes) };
+    const mount = await mountSession(mountpoint, adapter, libfuse3Options(options, image), options.readaheadBytes, options.writebackCache);
+    return { adapter, mount };
   }
 
   /**

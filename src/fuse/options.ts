@@ -15,6 +15,8 @@
  *   name=NAME               the raw file's name (default disk.raw)
  *   attr_timeout=SECONDS, entry_timeout=SECONDS   kernel attribute/lookup cache (default 0 / 1)
  *   readahead=SIZE          the kernel's read-ahead on the mount (default 1M; libfuse 2 leaves 128K)
+ *   writeback_cache         the kernel caches small writes and sends them coalesced (session transport
+ *                           only); fsync, close and unmount still write them back to us first
  *   transport=session|fuse-native   how requests reach us: our own libfuse3 session on the event loop
  *                           (default; 1 MiB requests, async direct I/O, fallocate, SEEK_DATA/SEEK_HOLE)
  *                           or fuse-native on libfuse 2 (128 KiB requests, one thread hand-off per request)
@@ -55,6 +57,8 @@ export interface MountOptions {
   /** Read-ahead of the mount's bdi, bytes (a multiple of 1024). */
   readaheadBytes: number;
   transport: Transport;
+  /** The kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE; session transport only). */
+  writebackCache: boolean;
 }
 
 /** What the image is opened with (Qcow2Image.open's options). */
@@ -118,6 +122,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
   const options: MountOptions = {
     readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false,
     name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1, readaheadBytes: DEFAULT_READAHEAD_BYTES, transport: 'session',
+    writebackCache: false,
   };
   let directIo = false;
   let kernelCache = false;
@@ -143,6 +148,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
         case 'direct_io': directIo = flag(); break;
         case 'kernel_cache': kernelCache = flag(); break;
         case 'allow_other': options.allowOther = flag(); break;
+        case 'writeback_cache': options.writebackCache = flag(); break;
         case 'cache': {
           const mode = required();
           if (mode !== 'writeback' && mode !== 'none' && mode !== 'writethrough') {
@@ -179,6 +185,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
     }
   }
   if (directIo && kernelCache) throw invalid('mount options direct_io and kernel_cache exclude each other');
+  if (options.writebackCache && options.transport !== 'session') throw invalid('mount option writeback_cache needs transport=session');
   options.kernelCache = directIo ? 'direct_io' : kernelCache ? 'kernel_cache' : options.compress ? 'direct_io' : 'default';
   return options;
 }

@@ -40,8 +40,6 @@ export interface SessionAdapter {
   inFlight(): number;
   /** Resolves once no request is in flight. */
   drained(): Promise<void>;
-  /** The inode number of a path (assigned on first use). */
-  inodeOf(path: string): number;
 }
 
 /** Stable inode numbers for paths. */
@@ -88,14 +86,18 @@ function statfsFields(st: FsStat): StatfsFields {
 
 const ERRNO = osConstants.errno as Readonly<Record<string, number>>;
 
+/** The reply functions the adapter answers with (the native session's; tests pass recorders). */
+export type SessionReplies = Pick<typeof fuseSession, 'replyErr' | 'replyAttr' | 'replyEntry' | 'replyOpen' | 'replyData' | 'replyWrite' |
+  'replyLseek' | 'replyStatfs' | 'replyDirents'>;
+
 /** Build the session's dispatch over `handlers`. */
-export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapterOptions): SessionAdapter {
+export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapterOptions, replies: SessionReplies = fuseSession): SessionAdapter {
   const inodes = new InodeTable();
   const tracker: RequestTracker = createRequestTracker(options);
   const directIo = options.kernelCache === 'direct_io';
   const keepCache = options.kernelCache === 'kernel_cache';
-  const fail = (id: number) => (errno: number) => fuseSession.replyErr(id, errno);
-  const ok = (id: number) => () => fuseSession.replyErr(id, 0);
+  const fail = (id: number) => (errno: number) => replies.replyErr(id, errno);
+  const ok = (id: number) => () => replies.replyErr(id, 0);
 
   /** Run one request: `work` resolves to the reply's argument; errors answer their errno. */
   function serve<T>(op: string, id: number, path: () => string, detail: () => string, work: (path: string) => Promise<T>,
@@ -146,22 +148,22 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
       case OP.LOOKUP: {
         const child = () => inodes.child(ino, extra as string);
         return serve('lookup', id, child, none, (p) => handlers.getattr(p),
-          (st) => fuseSession.replyEntry(id, options.entryTimeout, options.attrTimeout, ...statFields(inodes.inodeOf(child()), st)));
+          (st) => replies.replyEntry(id, options.entryTimeout, options.attrTimeout, ...statFields(inodes.inodeOf(child()), st)));
       }
       case OP.GETATTR:
-        return serve('getattr', id, path, none, (p) => handlers.getattr(p), (st) => fuseSession.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
+        return serve('getattr', id, path, none, (p) => handlers.getattr(p), (st) => replies.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
       case OP.SETATTR:
         return serve('setattr', id, path, () => ` valid=0x${n1.toString(16)} size=${n2}`, (p) => setattr(p, fh, n1, n2, n3, extra as number),
-          (st) => fuseSession.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
+          (st) => replies.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
       case OP.OPEN:
         return serve('open', id, path, () => ` flags=0x${n1.toString(16)}`, (p) => handlers.open(p, n1),
-          (newFh) => fuseSession.replyOpen(id, newFh, directIo, keepCache));
+          (newFh) => replies.replyOpen(id, newFh, directIo, keepCache));
       case OP.READ:
         return serve('read', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.read(p, fh, n1, n2),
-          (data) => fuseSession.replyData(id, data, Math.min(data.length, n1)));
+          (data) => replies.replyData(id, data, Math.min(data.length, n1)));
       case OP.WRITE:
         return serve('write', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.write(p, fh, extra as Buffer, n2),
-          (written) => fuseSession.replyWrite(id, written));
+          (written) => replies.replyWrite(id, written));
       case OP.FLUSH:
         return serve('flush', id, path, () => ` fh=${fh}`, (p) => handlers.flush(p, fh), ok(id));
       case OP.RELEASE:
@@ -169,26 +171,26 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
       case OP.FSYNC:
         return serve('fsync', id, path, () => ` fh=${fh} datasync=${n1}`, (p) => handlers.fsync(p, n1 !== 0, fh), ok(id));
       case OP.OPENDIR:
-        return serve('opendir', id, path, none, opendir, () => fuseSession.replyOpen(id, 0, false, false));
+        return serve('opendir', id, path, none, opendir, () => replies.replyOpen(id, 0, false, false));
       case OP.READDIR:
-        return serve('readdir', id, path, () => ` off=${n2}`, readdir, (d) => fuseSession.replyDirents(id, n1, n2, d.names, d.inos, d.modes));
+        return serve('readdir', id, path, () => ` off=${n2}`, readdir, (d) => replies.replyDirents(id, n1, n2, d.names, d.inos, d.modes));
       case OP.STATFS:
-        return serve('statfs', id, () => '/', none, (p) => handlers.statfs(p), (st) => fuseSession.replyStatfs(id, ...statfsFields(st)));
+        return serve('statfs', id, () => '/', none, (p) => handlers.statfs(p), (st) => replies.replyStatfs(id, ...statfsFields(st)));
       case OP.FALLOCATE:
         return serve('fallocate', id, path, () => ` fh=${fh} mode=0x${n1.toString(16)} off=${n2} len=${n3}`,
           (p) => handlers.fallocate(p, fh, n1, n2, n3), ok(id));
       case OP.LSEEK:
         return serve('lseek', id, path, () => ` fh=${fh} off=${n1} whence=${n2}`, (p) => handlers.lseek(p, fh, n1, n2),
-          (offset) => fuseSession.replyLseek(id, offset));
+          (offset) => replies.replyLseek(id, offset));
       default: {
         const refused = refusals.get(op);
         if (refused !== undefined) {
           return serve(refused, id, () => inodes.child(ino, extra as string), none, (p) => handlers.refuse(refused, p), ok(id));
         }
-        fuseSession.replyErr(id, ERRNO.ENOSYS);
+        replies.replyErr(id, ERRNO.ENOSYS);
       }
     }
   };
 
-  return { dispatch, inFlight: () => tracker.inFlight(), drained: () => tracker.drained(), inodeOf: (path) => inodes.inodeOf(path) };
+  return { dispatch, inFlight: () => tracker.inFlight(), drained: () => tracker.drained() };
 }

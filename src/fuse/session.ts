@@ -25,8 +25,7 @@ export class SessionMount implements TransportMount {
   private ended: string | undefined;
   private readonly onEnd: ((why: string) => void)[] = [];
 
-  constructor(readonly mountpoint: string, readonly mountId: number, private readonly handle: FuseSessionHandle,
-    private readonly adapter: SessionAdapter) {}
+  constructor(readonly mountpoint: string, readonly mountId: number, private readonly handle: FuseSessionHandle) {}
 
   /** Called by the session's event callback when it ended by itself. */
   noteEnded(why: string): void {
@@ -57,11 +56,6 @@ export class SessionMount implements TransportMount {
     };
   }
 
-  /** Drop the kernel's cached pages of a file (FUSE notify_inval_inode). */
-  invalidate(path: string): void {
-    if (!this.released && this.ended === undefined) fuseSession.invalidate(this.handle, this.adapter.inodeOf(path));
-  }
-
   /** Stop serving and free the session (requests still pending are answered EIO). Idempotent. */
   release(): void {
     if (this.released) return;
@@ -71,11 +65,11 @@ export class SessionMount implements TransportMount {
 }
 
 /**
- * Mount `adapter` on `mountpoint` (a checked, real path) with libfuse3 mount options `options`;
- * resolves once the kernel has initialised the connection and the mount is in the mount table.
+ * Mount `adapter` on `mountpoint` (a checked, real path) with libfuse3 mount options `options` (and
+ * the kernel's writeback cache if asked); resolves once the kernel has initialised the connection and the mount is in the mount table.
  */
 export async function mountSession(mountpoint: string, adapter: SessionAdapter, options: readonly string[],
-  readaheadBytes?: number): Promise<SessionMount> {
+  readaheadBytes?: number, writebackCache = false): Promise<SessionMount> {
   const before = new Set((await readMounts()).filter((m) => m.mountPoint === mountpoint).map((m) => m.mountId));
   let mount: SessionMount | undefined;
   let init!: { resolve: () => void; reject: (err: Error) => void };
@@ -91,7 +85,7 @@ export async function mountSession(mountpoint: string, adapter: SessionAdapter, 
   };
   let handle: FuseSessionHandle;
   try {
-    handle = fuseSession.mount(mountpoint, ['-o', [...options, ...(libfuseDebug() ? ['debug'] : [])].join(',')], adapter.dispatch, onEvent);
+    handle = fuseSession.mount(mountpoint, ['-o', [...options, ...(libfuseDebug() ? ['debug'] : [])].join(',')], adapter.dispatch, onEvent, writebackCache);
   } catch (err) {
     const code = (err as { code?: unknown }).code;
     throw new MountError(typeof code === 'string' ? code : 'EIO', `cannot mount on ${mountpoint}: ${(err as Error).message}`, {}, err);
@@ -101,7 +95,7 @@ export async function mountSession(mountpoint: string, adapter: SessionAdapter, 
     const entry = (await readMounts()).filter((m) => m.mountPoint === mountpoint && !before.has(m.mountId)).at(-1);
     if (entry === undefined) throw new MountError('EIO', `mounted on ${mountpoint}, but the mount is not in /proc/self/mountinfo`);
     if (readaheadBytes !== undefined) await setReadahead(entry.device, readaheadBytes);
-    mount = new SessionMount(mountpoint, entry.mountId, handle, adapter);
+    mount = new SessionMount(mountpoint, entry.mountId, handle);
     return mount;
   } catch (err) {
     fuseSession.close(handle);

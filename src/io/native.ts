@@ -50,9 +50,9 @@ interface NativeAddon {
   decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void>;
   aioCreate(capacity: number, outSlots: Int32Array, outResults: Float64Array, onComplete: (count: number) => void): AioHandle;
   aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
-  sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void): FuseSessionHandle;
+  sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
+    writebackCache: boolean): FuseSessionHandle;
   sessionClose(session: FuseSessionHandle): void;
-  sessionInvalidate(session: FuseSessionHandle, ino: number): void;
   replyErr: (id: number, errno: number) => number;
   replyNone: (id: number) => void;
   replyAttr: (id: number, timeout: number, ...stat: StatFields) => number;
@@ -246,10 +246,9 @@ export function errorCodeOf(error: unknown): string | undefined {
  * event loop. Used by src/fuse/session.ts only.
  */
 export const fuseSession = Object.freeze({
-  mount: (mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void) =>
-    addon.sessionMount(mountpoint, args, dispatch, onEvent),
+  mount: (mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
+    writebackCache = false) => addon.sessionMount(mountpoint, args, dispatch, onEvent, writebackCache),
   close: (session: FuseSessionHandle) => addon.sessionClose(session),
-  invalidate: (session: FuseSessionHandle, ino: number) => addon.sessionInvalidate(session, ino),
   replyErr: addon.replyErr,
   replyNone: addon.replyNone,
   replyAttr: addon.replyAttr,

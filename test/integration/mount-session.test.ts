@@ -1,7 +1,7 @@
 /**
  * The FUSE session (the default transport) under stress, over a memory device (mount-memory-daemon.ts):
- * a thousand requests in flight at once, a client killed with requests outstanding, and requests the
- * mount refuses — each answered with an errno while the daemon keeps serving, and the mount still
+ * a thousand requests in flight at once, a client killed with requests outstanding, the kernel's
+ * writeback cache (durable at unmount), and requests the mount refuses — each answered with an errno while the daemon keeps serving, and the mount still
  * ending in a clean close with the data intact.
  */
 import { spawn } from 'node:child_process';
@@ -37,9 +37,9 @@ async function fixture(bytes: number): Promise<Fixture> {
   return f;
 }
 
-async function mount(f: Fixture): Promise<number> {
+async function mount(f: Fixture, options: string[] = []): Promise<number> {
   registerMount(f.mnt);
-  const result = await memoryMount([f.image, f.mnt], f.env);
+  const result = await memoryMount([...options.flatMap((o) => ['-o', o]), f.image, f.mnt], f.env);
   expect(result.stderr).toBe('');
   expect(result.code).toBe(0);
   return daemonPid(f.mnt, f.runtime);
@@ -107,6 +107,33 @@ describe.skipIf(!ready)('the FUSE session under stress', () => {
       }
       expect((await run('cmp', [raw, f.model])).code).toBe(0);
       await unmountClean(f, pid);
+    } finally {
+      await cleanup(f);
+    }
+  });
+
+  it.each(['qcow2fuse unmount', 'umount'])('-o writeback_cache: 4 KiB writes, then %s, leave every byte in the image', async (ending) => {
+    const f = await fixture(16 * MiB);
+    try {
+      const pid = await mount(f, ['writeback_cache']);
+      const raw = join(f.mnt, 'disk.raw');
+      const src = join(f.dir, 'src.raw');
+      await writePatternFile(src, 4 * MiB, 5);
+      for (const [seek, sync] of [[100, 'conv=notrunc,fsync'], [3000, 'conv=notrunc']] as const) {
+        for (const target of [raw, f.model]) {
+          const dd = await run('dd', [`if=${src}`, `of=${target}`, 'bs=4k', 'count=1000', `seek=${seek}`, sync, 'status=none']);
+          expect(dd.code).toBe(0);
+        }
+      }
+      expect((await run('cmp', [raw, f.model])).code).toBe(0);
+      if (ending === 'umount') {
+        expect((await run('umount', [f.mnt])).code).toBe(0);
+        unregisterMount(f.mnt);
+        await waitForExit(pid);
+        expect((await run('cmp', [f.image, f.model])).code).toBe(0);
+      } else {
+        await unmountClean(f, pid);
+      }
     } finally {
       await cleanup(f);
     }

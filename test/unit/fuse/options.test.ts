@@ -30,7 +30,7 @@ describe('parseMountOptions', () => {
   it('has sensible defaults', () => {
     expect(parseMountOptions([])).toEqual({
       readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false, name: 'disk.raw', attrTimeout: 0, entryTimeout: 1,
-      readaheadBytes: 1024 * 1024, transport: 'session',
+      readaheadBytes: 1024 * 1024, transport: 'session', writebackCache: false,
     });
   });
 
@@ -39,13 +39,15 @@ describe('parseMountOptions', () => {
       'attr_timeout=2.5,entry_timeout=10,readahead=4M,transport=fuse-native'])).toEqual({
       readOnly: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', aio: 'threads', l2CacheBytes: 4 * 1024 ** 2,
       refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10, readaheadBytes: 4 * 1024 ** 2,
-      transport: 'fuse-native',
+      transport: 'fuse-native', writebackCache: false,
     });
     expect(parseMountOptions(['ro', 'rw']).readOnly).toBe(false);
   });
 
-  it('refuses an unknown transport', () => {
+  it('refuses an unknown transport, and writeback_cache on fuse-native', () => {
     expect(code(() => parseMountOptions(['transport=fuse2']))).toMatch(/^EINVAL: invalid transport 'fuse2'/);
+    expect(parseMountOptions(['writeback_cache']).writebackCache).toBe(true);
+    expect(code(() => parseMountOptions(['writeback_cache,transport=fuse-native']))).toMatch(/^EINVAL: .*needs transport=session/);
   });
 
   it('uses direct_io for compressed mounts unless kernel_cache is asked for', () => {
