@@ -95,6 +95,7 @@ export class MountSession {
       const handlers = createHandlers(device, {
         readOnly: options.readOnly, nogrow: options.nogrow, rawName: options.name,
         statfsPath: dirname(image), uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, capture: req.capture,
+        kernelWritebackCache: options.writebackCache,
       });
       const { adapter, mount } = await MountSession.mountTransport(mountpoint, image, handlers, options, log, req.pollIntervalMs);
       log(`mounted ${image} on ${mountpoint}${options.readOnly ? ' (read-only)' : ''} (transport ${options.transport})`);
