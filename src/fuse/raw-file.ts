@@ -6,7 +6,8 @@
  * byte count: `truncate -s 100000` or a write ending at byte 100001 gives exactly that. The image is
  * at least the logical size rounded up to 512 bytes (QEMU's sector), and beyond the logical size it
  * only ever holds zeros — so bytes past a shrink read as zeros when the file grows again: a shrink to
- * an unaligned size zeroes the rest of its last sector. When the file is trimmed (fsync, before an
+ * an unaligned size zeroes the rest of its last sector, and the device grows with zeros (a longer
+ * backing file does not show through: Qcow2Device.resize). When the file is trimmed (fsync, before an
  * inspection file is generated, at unmount) the image's virtual size becomes the logical size rounded
  * up to 512 bytes, as `qemu-img resize` of that size would leave it.
  *
@@ -268,6 +269,7 @@ export class RawFile {
     }
     this.logicalSize = size;
   }
+
 
   /** The device size to grow to for a write ending at `end` (ahead of it, unless the image cannot shrink back). */
   private growTarget(end: number): number {

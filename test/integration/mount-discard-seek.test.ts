@@ -10,7 +10,7 @@
  * - truncate/write/mmap sequences give the same st_size and bytes as on the host filesystem.
  * System calls Node lacks go through file-ops.py. Every writing test ends with `qemu-img check`.
  */
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -249,6 +249,38 @@ describe.skipIf(!ready)('fallocate on disk.raw', () => {
       expect(result.stderr).toContain('Read-only file system');
       await unmount(f);
       await qemuIoOk(image, ['read -P 0xaa 0 4096']);
+      await qemuImgCheckClean(image);
+    } finally {
+      await cleanup(f);
+    }
+  });
+});
+
+describe.skipIf(!ready)('inspection files on the mount', () => {
+  beforeAll(checkBuild);
+
+  it('show their real size to stat before anyone opens them, and read exactly that much', async () => {
+    const f = await fixture('inspect');
+    try {
+      const image = join(f.dir, 'a.qcow2');
+      await qemuImgCreate(image, 4 * MiB);
+      await qemuIoOk(image, ['write -P 0x31 0 64k']);
+      await mount(f, image);
+      const names = ['info.json', 'map.json', 'layout.txt', 'check.json'];
+      const sizes = await Promise.all(names.map(async (name) => (await stat(join(f.mnt, name))).size));
+      for (const [i, name] of names.entries()) {
+        expect([name, sizes[i] > 0]).toEqual([name, true]);
+        expect([name, (await readFile(join(f.mnt, name))).length]).toEqual([name, sizes[i]]);
+      }
+      const disk = await open(join(f.mnt, 'disk.raw'), 'r+');
+      await disk.write(Buffer.alloc(4096, 0x33), 0, 4096, 2 * MiB);
+      await disk.close();
+      const mapSize = (await stat(join(f.mnt, 'map.json'))).size;
+      expect(mapSize).toBeGreaterThan(sizes[1]);
+      const map = await readFile(join(f.mnt, 'map.json'), 'utf8');
+      expect(map.length).toBe(mapSize);
+      expect((JSON.parse(map) as QemuMapEntry[]).filter((e) => e.data).map((e) => e.start)).toEqual([0, 2 * MiB]);
+      await unmount(f);
       await qemuImgCheckClean(image);
     } finally {
       await cleanup(f);

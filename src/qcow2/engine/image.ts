@@ -986,9 +986,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   /**
-   * Change the virtual size. Growing extends L1 as needed and makes the new area read as zeros (the
-   * tail of a partial last cluster, and a longer backing file's data); shrinking frees every cluster
-   * past the new end (as `qemu-img resize --shrink`).
+   * Change the virtual size. Growing extends L1 as needed and zeroes the tail of a partial last
+   * cluster; shrinking frees every cluster past the new end (as `qemu-img resize --shrink`).
    */
   async resize(newVirtualSize: number): Promise<void> {
     this.assertWritable();
@@ -1006,11 +1005,8 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         await this.activeMap.growL1(g.l1EntriesFor(newVirtualSize));
         await this.updateHeader({ virtualSize: newVirtualSize });
       });
-      // The new area reads as zeros: the tail of a partial last cluster, and (as QEMU's bdrv_co_truncate
-      // with BDRV_REQ_ZERO_WRITE) whatever of a longer backing file would otherwise show through.
       const tailEnd = Math.min(newVirtualSize, Math.ceil(oldSize / g.clusterSize) * g.clusterSize);
-      const zeroEnd = Math.max(tailEnd, Math.min(newVirtualSize, this.backing?.virtualSize ?? 0));
-      if (zeroEnd > oldSize) await this.writeZeroes(oldSize, zeroEnd - oldSize);
+      if (tailEnd > oldSize) await this.writeZeroes(oldSize, tailEnd - oldSize);
       return;
     }
     const firstFree = Math.ceil(newVirtualSize / g.clusterSize) * g.clusterSize;

@@ -12,6 +12,7 @@
  *   as zeros (as QEMU's qcow2 write-zeroes extends a request whose head and tail are zero), left alone
  *   when the part already reads as zeros, and otherwise written with zero bytes (read-modify-write of
  *   the cluster: zeros exactly in the range, the rest untouched).
+ * A range that already reads as zeros is left alone (a trim of free space allocates nothing).
  * "Reads as zeros" comes from the allocation map (seek.ts), not from reading data. The caller keeps
  * other writes out of the edge clusters while this runs (the check and the zeroing are two steps).
  */
@@ -52,6 +53,7 @@ async function zeroEdge(image: Qcow2Image, clusterStart: number, clusterEnd: num
 export async function zeroRange(image: Qcow2Image, guestOffset: number, bytes: number, options: ZeroRangeOptions): Promise<void> {
   if (bytes === 0) return;
   await image.settle();
+  if (await readsZeros(image, guestOffset, guestOffset + bytes, options.probe)) return;
   const clusterSize = image.geometry.clusterSize;
   const virtualSize = image.virtualSize;
   let start = guestOffset;

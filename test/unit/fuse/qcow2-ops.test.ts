@@ -355,6 +355,21 @@ describe('disk.raw POSIX sizes on a real image', () => {
     });
   }
 
+  it('a write past the end of an overlay smaller than its backing file grows it with zeros, not the backing data', async () => {
+    const base = tmp.file('base.qcow2');
+    const top = tmp.file('top.qcow2');
+    await qemuImgCreate(base, 2 * MiB);
+    await qemuIoOk(base, ['write -P 0x07 0 2M']);
+    await qemuImgCreate(top, MiB, {}, { backing: base });
+    const m = await openHandlers(top);
+    await m.handlers.write(RAW, m.fh, Buffer.alloc(1000, 0x08), MiB + 500_000);
+    expect((await m.handlers.getattr(RAW)).size).toBe(MiB + 501_000);
+    await m.close();
+    const end = Math.ceil((MiB + 501_000) / 512) * 512;
+    await expectBytes(top, [[0, MiB, 0x07], [MiB, 500_000, 0], [MiB + 500_000, 1000, 0x08], [MiB + 501_000, end - MiB - 501_000, 0]]);
+    await qemuImgCheckClean(top);
+  });
+
   it('truncate and writes give exact sizes; the image is that size rounded up to 512; bytes past a shrink read as zeros', async () => {
     const image = tmp.file('a.qcow2');
     await qemuImgCreate(image, 256 * KiB);
