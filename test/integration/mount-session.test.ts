@@ -51,7 +51,7 @@ async function unmountClean(f: Fixture, pid: number): Promise<void> {
   expect(result.stderr).toBe('');
   expect(result.code).toBe(0);
   unregisterMount(f.mnt);
-  await waitForExit(pid, 1);
+  await waitForExit(pid);
   expect((await readdir(f.runtime)).filter((n) => n.endsWith('.json'))).toEqual([]);
   expect((await run('cmp', [f.image, f.model])).code).toBe(0);
 }
