@@ -19,18 +19,20 @@ import { mapEntries } from '../../qcow2/tools/map.js';
 import { openSnapshotView, type SnapshotRef } from '../../qcow2/engine/snapshot.js';
 import type { ClusterMap } from '../../qcow2/engine/cluster-map.js';
 import { parseArgs } from '../args.js';
+import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
 import { parseCreateArgs } from './create.js';
 import { commandError, progressText, trace, writeOut } from '../output.js';
 
 export const summary = 'copy an image (or one of its snapshots) to raw or qcow2 (qemu-img convert)';
 
-const USAGE = `usage: qcow2fuse convert [-p] [-q] [-c] [-f qcow2] [-t CACHE] [-l SNAPSHOT] -O raw|qcow2 [-o OPTIONS] SOURCE DEST
+const USAGE = `usage: qcow2fuse convert [-p] [-q] [-c] [-U] [-f qcow2] [-t CACHE] [-l SNAPSHOT] -O raw|qcow2 [-o OPTIONS] SOURCE DEST
   -O raw|qcow2   output format (DEST '-' writes raw to stdout)
   -t CACHE       raw output: unsafe (default, as qemu-img: no sync) or writeback (synced before exit)
   -c             compress the clusters of a qcow2 output
   -l SNAPSHOT    read the internal snapshot SNAPSHOT (id or name; or snapshot.id=ID / snapshot.name=NAME)
   -o OPTIONS     qcow2 output options, as for 'create' (cluster_size, compat, compression_type, …)
   -p             show progress (on stderr)
+${FORCE_SHARE_USAGE} (the source)
 `;
 
 /**
@@ -55,11 +57,13 @@ export interface ConvertArgs {
   createOptions: CreateOptions;
   /** Make a raw DEST durable before exiting (-t writeback); qemu-img's default is unsafe (no sync). */
   sync: boolean;
+  /** Read SOURCE even while another process writes it (-U). */
+  forceShare: boolean;
 }
 
 /** Parse qemu-img convert's arguments; throws with a message (and code 'USAGE' for --help). */
 export function parseConvertArgs(argv: string[]): ConvertArgs {
-  const { flags, positional } = parseArgs(argv, ['-O', '-f', '-l', '-o', '-t'], ['-p', '-q', '-c', '-U', '-h', '--help']);
+  const { flags, positional } = parseArgs(argv, ['-O', '-f', '-l', '-o', '-t'], ['-p', '-q', '-c', ...FORCE_SHARE_FLAGS, '-h', '--help']);
   if (flags.has('-h') || flags.has('--help')) throw Object.assign(new Error(USAGE), { code: 'USAGE' });
   const format = flags.get('-f') ?? 'qcow2';
   if (format !== 'qcow2') throw new Error(`only qcow2 sources are supported (got -f ${format})`);
@@ -85,7 +89,7 @@ export function parseConvertArgs(argv: string[]): ConvertArgs {
   const cache = flags.get('-t') ?? 'unsafe';
   if (cache !== 'unsafe' && cache !== 'writeback') throw new Error(`cache mode must be unsafe or writeback, got '${cache}'`);
   const progress = flags.has('-p') && !flags.has('-q');
-  return { source, dest, outputFormat, compress, progress, createOptions, sync: cache === 'writeback', ...(snapshot !== undefined ? { snapshot } : {}) };
+  return { source, dest, outputFormat, compress, progress, createOptions, sync: cache === 'writeback', forceShare: forceShareOf(flags), ...(snapshot !== undefined ? { snapshot } : {}) };
 }
 
 /** Where guest bytes come from: the active layer or a snapshot view. */
@@ -294,7 +298,8 @@ export async function run(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    const image = await Qcow2Image.open(args.source, { readOnly: true });
+    warnIfForceShared('convert', args.source, args.forceShare);
+    const image = await Qcow2Image.open(args.source, { readOnly: true, forceShare: args.forceShare });
     try {
       let source: Source;
       if (args.snapshot !== undefined) {
