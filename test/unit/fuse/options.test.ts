@@ -36,7 +36,7 @@ describe('parseMountOptions', () => {
 
   it('parses every option, across several -o lists', () => {
     expect(parseMountOptions(['ro,nogrow,cache=none,aio=threads', 'l2-cache-size=4M,refcount-cache-size=1M', 'allow_other,name=sda.img,kernel_cache',
-      'attr_timeout=2.5,entry_timeout=10,readahead=4M,transport=fuse-native,force-share'])).toEqual({
+      'attr_timeout=2.5,entry_timeout=10,readahead=4M,force-share,transport=fuse-native'])).toEqual({
       readOnly: true, forceShare: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', aio: 'threads', l2CacheBytes: 4 * 1024 ** 2,
       refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10, readaheadBytes: 4 * 1024 ** 2,
       transport: 'fuse-native', writebackCache: false,
