@@ -150,6 +150,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     return discard(this.s, guestOffset, bytes);
   }
 
+  /** Link every pending compressed write, so the tables describe all data written (block status, seek). */
+  async settle(): Promise<void> {
+    await this.s.compressedWriter?.flush();
+  }
+
   /** Write back every cache in order (refcounts before L2) and fdatasync: everything written is durable. */
   flush(): Promise<void> {
     return flush(this.s);

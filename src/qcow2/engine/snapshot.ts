@@ -52,6 +52,15 @@ export interface SnapshotViewOptions {
 }
 
 /** A read-only BlockDevice over one internal snapshot. */
+const viewStates = new WeakMap<SnapshotView, ImageState>();
+
+/** The state of the image a snapshot view reads, for the code of src/qcow2 (seek, map); not public API. */
+export function snapshotViewState(view: SnapshotView): ImageState {
+  const s = viewStates.get(view);
+  if (s === undefined) throw new TypeError('not a SnapshotView');
+  return s;
+}
+
 export class SnapshotView implements BlockDevice {
   private readonly image: ImageState;
   readonly snapshot: SnapshotEntry;
@@ -62,6 +71,7 @@ export class SnapshotView implements BlockDevice {
 
   constructor(image: ImageState, snapshot: SnapshotEntry, map: ClusterMap, virtualSizeBytes: number) {
     this.image = image;
+    viewStates.set(this, image);
     this.snapshot = snapshot;
     this.map = map;
     this.virtualSize = virtualSizeBytes;
