@@ -78,12 +78,16 @@ export async function readSegments(s: ImageState, segments: ReadSegment[], guest
   await Promise.all(jobs);
 }
 
-/** One pread for the host range of several compressed chunks, then each decompressed into `buf`. */
+/**
+ * One pread for the host range of several compressed chunks, then each decompressed into `buf`.
+ * A compressed mount reads through its O_DIRECT handle, as for single chunks: read-back while
+ * ingesting must not fill the host page cache with the image.
+ */
 async function readCompressedRun(s: ImageState, run: CompressedSegment[], guestOffset: number, buf: Buffer): Promise<void> {
   const start = run[0].descriptor.hostOffset;
   const end = Math.min(Math.max(...run.map((seg) => seg.descriptor.hostOffset + seg.descriptor.compressedBytes)), s.file.sizeBytes);
   const src = Buffer.allocUnsafe(Math.max(0, end - start));
-  const n = await s.file.pread(src, start, 'compressed');
+  const n = await (s.directFile ?? s.file).pread(src, start, 'compressed');
   await Promise.all(run.map((seg) => {
     const { hostOffset, compressedBytes } = seg.descriptor;
     const chunk = src.subarray(Math.min(n, hostOffset - start), Math.min(n, hostOffset - start + compressedBytes));
