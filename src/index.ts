@@ -12,6 +12,10 @@ export { findSnapshot, listSnapshots, openSnapshotView, SnapshotView, type Snaps
 export { createSnapshot, deleteSnapshot, applySnapshot } from './qcow2/tools/snapshot-ops.js';
 export { createImage, type CreateOptions, type Preallocation } from './qcow2/tools/create.js';
 export { nodeHostAllocationProbe, type HostAllocationProbe, type HostExtent } from './io/host-allocation.js';
+export {
+  convertImage, convertFiles, openConvertSource, openConvertSink, ConvertError, ProgressReporter,
+  type ConvertOptions, type ConvertResult, type ConvertFilesOptions, type ConvertSource, type ConvertSink, type ConvertCacheMode, type ImageFormat,
+} from './convert/index.js';
 
 import { Qcow2Image, type Qcow2OpenOptions } from './qcow2/engine/image.js';
 
