@@ -403,7 +403,7 @@ export class CompressedWriter {
   }
 
   /**
-   * Write a host cluster as it is now (whole, aligned, zero past its fill) with the direct handle,
+   * Write a host cluster as it is now (aligned, up to its fill) with the direct handle,
    * then link the chunks that were waiting for it. Writes of one cluster are chained.
    */
   private writeHostCluster(c: HostCluster): Promise<void> {
@@ -411,7 +411,10 @@ export class CompressedWriter {
       const fill = c.fillBytes;
       if (c.writtenBytes >= fill) return;
       try {
-        await this.host.directFile.pwrite(c.buf, c.hostOffset, 'compressed');
+        // Up to the fill only (aligned): a cluster left partly filled at the end then allocates on
+        // the host no more than its data, as qemu-img's compressed writes (matters for 2 MiB clusters).
+        const bytes = Math.min(this.g.clusterSize, Math.ceil(fill / this.alignment) * this.alignment);
+        await this.host.directFile.pwrite(c.buf.subarray(0, bytes), c.hostOffset, 'compressed');
       } catch (err) {
         // The waiting chunks are lost: their clusters stay unlinked (a leak at worst).
         for (const chunk of c.waiters.splice(0)) this.finish(chunk.op);
