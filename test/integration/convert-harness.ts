@@ -12,6 +12,7 @@ import type { ConvertResult } from '../../src/convert/engine.js';
 import type { ConvertFilesOptions } from '../../src/convert/convert-files.js';
 import { patternBuffer } from '../helpers/patterns.js';
 import { qemuImgMap } from '../helpers/qemu.js';
+import { nodeHostAllocationProbe } from '../../src/io/host-allocation.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -66,5 +67,24 @@ export async function expectNoDataIn(image: string, zeroRanges: [number, number]
       const overlap = Math.min(end, entry.start + entry.length) - Math.max(start, entry.start);
       expect(overlap, `data at ${entry.start}+${entry.length} overlaps the zero range ${start}–${end}`).toBeLessThanOrEqual(0);
     }
+  }
+}
+
+/** Bytes of `path` in data extents (SEEK_DATA/SEEK_HOLE): how sparse a raw file is, without the filesystem's own metadata blocks. */
+export async function dataExtentBytes(path: string): Promise<number> {
+  const probe = nodeHostAllocationProbe();
+  try {
+    const size = await probe.sizeBytes(path);
+    let total = 0;
+    for (let pos = 0; pos < size;) {
+      const extent = await probe.extentAt(path, pos);
+      if (extent.kind === 'trailing-hole') break;
+      const end = extent.kind === 'unknown' ? size : extent.endBytes;
+      if (extent.kind !== 'hole') total += end - pos;
+      pos = end;
+    }
+    return total;
+  } finally {
+    probe.close();
   }
 }
