@@ -103,7 +103,7 @@ export async function convertFiles(sourcePath: string, destPath: string, o: Conv
     return await convertImage(source, sink, {
       ...(o.minSparseBytes !== undefined ? { minSparseBytes: o.minSparseBytes } : {}), ...(backing ? { backing } : {}),
       ...(o.jobs !== undefined ? { jobs: o.jobs } : {}), ...(o.expectedBytes !== undefined ? { expectedBytes: o.expectedBytes } : {}),
-      ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+      ...(o.onProgress ? { onProgress: (done: number, total: number | undefined) => o.onProgress!(done, total) } : {}),
     });
   } catch (err) {
     const side = (err as { details?: { side?: unknown } }).details?.side;

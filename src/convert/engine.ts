@@ -157,7 +157,7 @@ async function writeChunk(chunk: Chunk, sink: ConvertSink, options: ConvertOptio
   await Promise.all(runs.map((run) => {
     if (run.kind === 'data') return sink.writeData(chunk.guestOffset + run.start, data.subarray(run.start, run.end));
     if (run.kind === 'zero') return sink.writeZeroes(chunk.guestOffset + run.start, run.end - run.start);
-    return undefined;
+    return Promise.resolve();
   }));
 }
 

@@ -188,7 +188,7 @@ class StreamSource implements ConvertSource {
     return new StreamSource(chunks, firstChunk);
   }
 
-  async *extents(): AsyncGenerator<SourceExtent> {
+  extents(): AsyncIterable<SourceExtent> {
     throw new ConvertError('EINVAL', 'a stream has no extents', { path: '-' });
   }
 

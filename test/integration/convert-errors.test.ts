@@ -47,12 +47,18 @@ function openerFor(path: string, wrap: (file: HostFile) => HostFile): HostFileOp
 class DyingDisk {
   writtenBytes = 0;
   constructor(private readonly budgetBytes: number) {}
+  /** Take `bytes` from the budget; false once the disk is dead. */
+  spend(bytes: number): boolean {
+    if (this.writtenBytes + bytes > this.budgetBytes) return false;
+    this.writtenBytes += bytes;
+    return true;
+  }
+
   wrap(inner: HostFile): HostFile {
-    const disk = this;
+    const spend = (bytes: number): boolean => this.spend(bytes);
     return new (class extends ForwardingHostFile {
       override async pwrite(buf: Uint8Array, hostOffset: number, point?: Parameters<HostFile['pwrite']>[2]): Promise<void> {
-        if (disk.writtenBytes + buf.length > disk.budgetBytes) throw new HostIoError('EIO', inner.path, 'pwrite', hostOffset, 'injected: the disk died');
-        disk.writtenBytes += buf.length;
+        if (!spend(buf.length)) throw new HostIoError('EIO', inner.path, 'pwrite', hostOffset, 'injected: the disk died');
         return super.pwrite(buf, hostOffset, point);
       }
     })(inner);
