@@ -246,8 +246,9 @@ export class CompressedWriter {
    */
   private async waitForSpace(): Promise<void> {
     while (this.heldBytes >= this.maxPendingBytes) {
-      const oldestPartial = [...this.pending.values()].find((p) => p.coverage);
-      if (oldestPartial && this.inflight.size === 0) {
+      // (Searched only when nothing is in flight: a scan of every pending cluster per cluster written was a hot spot.)
+      const oldestPartial = this.inflight.size === 0 ? [...this.pending.values()].find((p) => p.coverage) : undefined;
+      if (oldestPartial) {
         await this.completePartial(oldestPartial);
         continue;
       }

@@ -15,11 +15,12 @@ export function compressionTypeName(headerValue: number): CompressionType {
 }
 
 /**
- * Codec jobs on the threadpool at once: one per core, leaving at least one of libuv's threads free.
+ * Codec jobs on the threadpool at once: two per core (one more queued per core keeps it busy while
+ * the main thread is late to hand out the next), leaving at least two of libuv's threads to file I/O.
  * Submitting every cluster of a large write or read at once queued hundreds of codec jobs in front
  * of the file reads and writes that feed them (the threadpool is FIFO), so the pipeline stalled.
  */
-const MAX_CODEC_JOBS = Math.max(1, Math.min(availableParallelism(), Number(process.env.UV_THREADPOOL_SIZE ?? 4) - 1));
+const MAX_CODEC_JOBS = Math.max(1, Math.min(2 * availableParallelism(), Number(process.env.UV_THREADPOOL_SIZE ?? 4) - 2));
 let codecJobs = 0;
 const codecWaiters: (() => void)[] = [];
 
