@@ -7,7 +7,7 @@ import { writeFile } from 'node:fs/promises';
 import { statSync } from 'node:fs';
 import type { Writable } from 'node:stream';
 import { openNodeHostFile } from '../io/node-host-file.js';
-import type { HostFile, HostFileOpener } from '../io/host-file.js';
+import { ForwardingHostFile, type HostFile, type HostFileOpener } from '../io/host-file.js';
 import { Qcow2Image, type CacheMode } from '../qcow2/engine/image.js';
 import { createImage, type CreateOptions } from '../qcow2/tools/create.js';
 import type { CompressedWriterOptions } from '../qcow2/engine/compressed-writer.js';
@@ -68,6 +68,24 @@ export async function openConvertSink(path: string, o: OpenSinkOptions): Promise
   return o.format === 'qcow2' ? Qcow2Sink.open(path, o) : RawSink.open(path, o);
 }
 
+/** A host file whose fdatasync does nothing: qemu's cache=unsafe (flushes ignored). */
+class UnsafeHostFile extends ForwardingHostFile {
+  override async fdatasync(): Promise<void> {}
+}
+
+/**
+ * The opener for the destination's files. cache=unsafe (qemu-img convert's default) ignores flushes,
+ * as QEMU does: the image's ordering barriers (data before L2, refcounts before L2) are fdatasyncs
+ * that stall the copy behind the disk's writeback, and only matter if the host crashes mid-copy —
+ * after which, as with qemu-img, the output is not to be trusted anyway. Completed writes are all in
+ * the file, so a copy that fails (ENOSPC, EIO) still leaves a consistent image.
+ */
+function destinationOpener(o: OpenSinkOptions): HostFileOpener {
+  const opener = o.openHostFile ?? openNodeHostFile;
+  if ((o.cache ?? 'unsafe') !== 'unsafe') return opener;
+  return async (path, options) => new UnsafeHostFile(await opener(path, options));
+}
+
 function imageCache(cache: ConvertCacheMode | undefined): CacheMode {
   if (cache === 'none' || cache === 'directsync') return 'none';
   return cache === 'writethrough' ? 'writethrough' : 'writeback';
@@ -83,10 +101,11 @@ class Qcow2Sink implements ConvertSink {
   }
 
   static async open(path: string, o: OpenSinkOptions): Promise<Qcow2Sink> {
-    if (o.create) await createImage(path, { ...o.createOptions, virtualSize: o.virtualSize ?? o.createOptions?.virtualSize ?? STREAM_INITIAL_BYTES });
+    const openHostFile = destinationOpener(o);
+    if (o.create) await createImage(path, { ...o.createOptions, virtualSize: o.virtualSize ?? o.createOptions?.virtualSize ?? STREAM_INITIAL_BYTES, openHostFile });
     const image = await Qcow2Image.open(path, {
-      readOnly: false, compress: o.compress ?? false, cache: imageCache(o.cache),
-      ...(o.openHostFile ? { openHostFile: o.openHostFile } : {}), ...(o.compressedWriter ? { compressedWriter: o.compressedWriter } : {}),
+      readOnly: false, compress: o.compress ?? false, cache: imageCache(o.cache), openHostFile,
+      ...(o.compressedWriter ? { compressedWriter: o.compressedWriter } : {}),
     });
     if (!o.create && o.virtualSize !== undefined && image.virtualSize < o.virtualSize) {
       await image.close();
@@ -95,8 +114,13 @@ class Qcow2Sink implements ConvertSink {
     return new Qcow2Sink(path, image, o.create, o.compress ?? false);
   }
 
+  /**
+   * Compressed: whole clusters (the unit compressed). Otherwise qemu-img's 4 KiB: a cluster written
+   * in part is completed by the driver (zeros), and with extended L2 the untouched subclusters stay
+   * unallocated — as qemu-img leaves them.
+   */
   get granuleBytes(): number {
-    return this.image.geometry.clusterSize;
+    return this.compress ? this.image.geometry.clusterSize : Math.min(this.image.geometry.clusterSize, 4096);
   }
 
   async ensureSize(bytes: number): Promise<void> {

@@ -746,7 +746,9 @@ export class Qcow2Image implements BlockDevice, BackingReader {
    */
   private async preallocateAhead(runStart: number, runEnd: number): Promise<void> {
     const tracked = this.file as SizeTrackingFile;
-    if (this.preallocUnsupported || runEnd <= tracked.sizeBytes) return;
+    // Extended L2: subclusters a write does not touch stay unallocated and QEMU leaves them holes in
+    // the file; allocating them ahead would make a converted image bigger than qemu-img's.
+    if (this.preallocUnsupported || this.geometry.extendedL2 || runEnd <= tracked.sizeBytes) return;
     const cs = this.geometry.clusterSize;
     const aheadBytes = Math.max(cs, Math.min(PREALLOC_AHEAD_BYTES, 16 * cs));
     const start = Math.max(tracked.sizeBytes, runStart);
