@@ -61,23 +61,30 @@ async function statOrUndefined(path: string): Promise<Stats | undefined> {
   return stat(path).catch(() => undefined);
 }
 
-/** Refuse DEST when it is SOURCE (or the backing file -B names); warn about a mounted source device. */
-async function preflight(sourcePath: string, destPath: string, o: ConvertFilesOptions): Promise<void> {
-  if (sourcePath !== '-' && destPath !== '-') {
-    const [s, d] = await Promise.all([statOrUndefined(sourcePath), statOrUndefined(destPath)]);
-    if (s && d && sameHostObject(s, d)) {
-      throw new ConvertError('EINVAL', `${destPath}: the destination is the source ${sourcePath}; refusing to overwrite it`, { path: destPath });
+/** Warn about a source block device mounted read-write. */
+async function warnIfMounted(sourcePath: string, o: ConvertFilesOptions): Promise<void> {
+  if (sourcePath === '-') return;
+  const mounts = await readWriteMounts(sourcePath).catch(() => []);
+  if (mounts.length > 0) o.onWarning?.(`${sourcePath} is mounted read-write at ${mounts.join(', ')}: the copy may be inconsistent`);
+}
+
+/** Refuse DEST when it is a file the source reads (the source itself, its data file, a backing file). */
+async function refuseSourceAsDest(source: ConvertSource, destPath: string): Promise<void> {
+  if (destPath === '-') return;
+  const dest = await statOrUndefined(destPath);
+  if (!dest) return;
+  for (const path of source.hostPaths) {
+    const s = await statOrUndefined(path);
+    if (s && sameHostObject(s, dest)) {
+      const what = path === source.path ? 'the source' : `a file the source reads (${path})`;
+      throw new ConvertError('EINVAL', `${destPath}: the destination is ${what}; refusing to overwrite it`, { path: destPath });
     }
-  }
-  if (sourcePath !== '-') {
-    const mounts = await readWriteMounts(sourcePath).catch(() => []);
-    if (mounts.length > 0) o.onWarning?.(`${sourcePath} is mounted read-write at ${mounts.join(', ')}: the copy may be inconsistent`);
   }
 }
 
 /** Convert SOURCE into DEST (paths; '-' is stdin or stdout). */
 export async function convertFiles(sourcePath: string, destPath: string, o: ConvertFilesOptions = {}): Promise<ConvertResult> {
-  await preflight(sourcePath, destPath, o);
+  await warnIfMounted(sourcePath, o);
   const outputFormat = o.outputFormat ?? 'raw';
   if (o.compress && outputFormat !== 'qcow2') throw new ConvertError('EINVAL', 'Compression not supported for this file format', { path: destPath });
   if (o.backingFile !== undefined && outputFormat !== 'qcow2') throw new ConvertError('EINVAL', 'a backing file (-B) needs -O qcow2', { path: destPath });
@@ -90,6 +97,7 @@ export async function convertFiles(sourcePath: string, destPath: string, o: Conv
   let sink: ConvertSink | undefined;
   const created = !o.noCreate && destPath !== '-';
   try {
+    await refuseSourceAsDest(source, destPath);
     if (o.backingFile !== undefined) {
       backing = await openConvertSource(resolveBackingPath(destPath, o.backingFile), { ...(o.backingFormat ? { format: o.backingFormat } : {}), lock: o.lockSource ?? true });
     }

@@ -13,6 +13,7 @@ import { Qcow2Image, type CacheMode } from '../qcow2/engine/image.js';
 import { openSnapshotView, type SnapshotRef } from '../qcow2/engine/snapshot.js';
 import { mapEntries } from '../qcow2/tools/map.js';
 import type { ClusterMap } from '../qcow2/engine/cluster-map.js';
+import type { BackingReader } from '../qcow2/engine/backing.js';
 import { QCOW2_MAGIC } from '../qcow2/format/constants.js';
 import { ConvertError } from './errors.js';
 import { hostSizeBytes } from './host-source.js';
@@ -33,6 +34,8 @@ export interface ConvertSource {
   readonly virtualSize: number | undefined;
   /** A stream: read in order with readInto only (no extents, no read-ahead in parallel). */
   readonly sequential: boolean;
+  /** Every host file the source reads (an image, its data file and backing chain): none may be DEST. */
+  readonly hostPaths: string[];
   /** Extents covering [0, virtualSize) in guest order (not for streams). */
   extents(): AsyncIterable<SourceExtent>;
   /** Read into `buf` from `guestOffset`; returns the bytes read (short only at the end of a stream). */
@@ -88,6 +91,18 @@ class Qcow2Source implements ConvertSource {
   readonly sequential = false;
   private readonly probe: HostAllocationProbe = nodeHostAllocationProbe();
 
+  get hostPaths(): string[] {
+    const paths: string[] = [];
+    let layer: BackingReader | undefined = this.image;
+    while (layer) {
+      paths.push(layer.path);
+      if (!(layer instanceof Qcow2Image)) break;
+      if (layer.hasDataFile) paths.push(layer.dataFile.path);
+      layer = layer.backing;
+    }
+    return paths;
+  }
+
   private constructor(readonly path: string, readonly image: Qcow2Image, readonly virtualSize: number,
     private readonly read: (guestOffset: number, buf: Buffer) => Promise<void>, private readonly topMap?: ClusterMap) {}
 
@@ -127,6 +142,10 @@ class Qcow2Source implements ConvertSource {
 class RawSource implements ConvertSource {
   readonly format = 'raw' as const;
   readonly sequential = false;
+
+  get hostPaths(): string[] {
+    return [this.path];
+  }
 
   constructor(readonly path: string, private readonly file: HostFile, readonly virtualSize: number, private readonly probe: HostAllocationProbe) {}
 
@@ -170,6 +189,7 @@ class StreamSource implements ConvertSource {
   readonly format = 'raw' as const;
   readonly virtualSize = undefined;
   readonly sequential = true;
+  readonly hostPaths: string[] = [];
   private leftover: Buffer | undefined;
   private positionBytes = 0;
 

@@ -14,6 +14,7 @@ import { ForwardingHostFile, type HostFile, type HostFileOpener } from '../../sr
 import { HostIoError } from '../../src/io/errors.js';
 import { openNodeHostFile } from '../../src/io/node-host-file.js';
 import { patternBuffer } from '../helpers/patterns.js';
+import { sha256, sha256File } from '../helpers/files.js';
 import { qemuImg, qemuImgCheck, run } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { requireRoot, requireTools } from '../helpers/tools.js';
@@ -169,7 +170,7 @@ describe.skipIf(!ready)('convert: failures', () => {
     }
   });
 
-  it('a destination that is the source (same path, a symlink) is refused and left alone', async () => {
+  it('a destination that is the source (same path, a symlink) or its backing file is refused and left alone', async () => {
     const source = tmp.file('disk.raw');
     const data = patternBuffer(MiB, 5, 0);
     await writeFile(source, data);
@@ -180,7 +181,15 @@ describe.skipIf(!ready)('convert: failures', () => {
       expect(err.message).toMatch(/the destination is the source/);
     }
     expect((await stat(source)).size).toBe(MiB);
-    expect((await qemuImg(['compare', '-q', '-f', 'raw', '-F', 'raw', source, source])).code).toBe(0);
+    // The backing file of a qcow2 source: it is read while DEST is written.
+    expect((await qemuImg(['create', '-q', '-f', 'qcow2', '-b', source, '-F', 'raw', tmp.file('top.qcow2')])).code).toBe(0);
+    for (const args of [['-O', 'qcow2'], ['-O', 'raw']]) {
+      const err = await failure(convertCli([...args, tmp.file('top.qcow2'), source]));
+      expect(err.code).toBe('EINVAL');
+      expect(err.message).toMatch(/the destination is a file the source reads/);
+    }
+    expect((await qemuImg(['compare', '-q', '-f', 'raw', '-F', 'qcow2', source, tmp.file('top.qcow2')])).code).toBe(0);
+    expect(await sha256File(source)).toBe(sha256(data));
   });
 
   it('a block device mounted read-write elsewhere: converted with a warning', async () => {
