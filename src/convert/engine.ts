@@ -2,10 +2,11 @@
  * The copy engine of `convert`: guest bytes from a ConvertSource into a ConvertSink, in windows.
  *
  * Windows of the source (WINDOW_BYTES, aligned) are planned from its extents — what block status
- * says reads as zeros is never read — or, for a stream, read one after another until it ends. Reads
- * run ahead of the writes (up to half the jobs windows in flight); an unordered sink also gets
- * several windows written at once, so a stalled write does not stall reads, and with -c the
- * compressed writer compresses the clusters of every window in flight on the threadpool. Each window
+ * says reads as zeros is never read — or, for a stream, read one after another until it ends. Of
+ * the `jobs` windows in flight, the sink writes as many at once as it does well (sink.parallelWrites:
+ * one for a file, two to keep the compressed writer fed) and reads run ahead with the rest, so a
+ * stalled write does not stall reads; with -c the compressed writer compresses the clusters of the
+ * windows it holds on the threadpool, on every core. Each window
  * is cut into granules and classified (zero-runs.ts): all-zero granules are never written, with -B
  * granules equal to the backing file are skipped.
  */
@@ -22,7 +23,7 @@ export interface ConvertOptions {
   minSparseBytes?: number;
   /** -B: the backing file's contents; granules equal to it are not written. */
   backing?: ConvertSource;
-  /** -m: windows in flight, reads and writes together (default 8). */
+  /** -m: windows in flight, reads and writes together (default 8; the sink takes at most half). */
   jobs?: number;
   /** For a stream: the size it must have (a stream that ends before or goes past it is an error). */
   expectedBytes?: number;
@@ -192,8 +193,8 @@ export async function convertImage(source: ConvertSource, sink: ConvertSink, opt
 /** The copy loop (see the module comment); returns the source bytes covered. */
 async function copyWindows(source: ConvertSource, sink: ConvertSink, options: ConvertOptions): Promise<number> {
   const jobs = Math.max(2, options.jobs ?? 8);
-  const readAhead = Math.ceil(jobs / 2);
-  const writeAhead = sink.ordered ? 1 : Math.max(1, jobs - readAhead);
+  const writeAhead = Math.min(sink.parallelWrites, Math.floor(jobs / 2));
+  const readAhead = jobs - writeAhead;
   const pool = new WindowPool();
   const total = source.virtualSize ?? options.expectedBytes;
   const reading: Promise<Chunk>[] = [];

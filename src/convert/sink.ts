@@ -24,6 +24,12 @@ export interface ConvertSink {
   readonly zeroInitialized: boolean;
   /** Writes must come one after another in guest order, zeros included (stdout). */
   readonly ordered: boolean;
+  /**
+   * Windows written at once. Buffered writes into one file serialise on its inode lock, and 4 at
+   * once took twice the time of one after the other (320 MiB: 223 vs 121 ms, ext4): 1 for files;
+   * the compressed writer only holds the data (and waits when full), so 2 keep it fed.
+   */
+  readonly parallelWrites: number;
   /** Make the destination at least `bytes` big (a stream's destination grows as data arrives). */
   ensureSize(bytes: number): Promise<void>;
   writeData(guestOffset: number, data: Buffer): Promise<void>;
@@ -94,10 +100,12 @@ function imageCache(cache: ConvertCacheMode | undefined): CacheMode {
 /** A qcow2 image: all-zero clusters stay unallocated, the rest is written (compressed with -c). */
 class Qcow2Sink implements ConvertSink {
   readonly ordered = false;
+  readonly parallelWrites: number;
   private sizeBytes: number;
 
   private constructor(readonly path: string, private readonly image: Qcow2Image, readonly zeroInitialized: boolean, private readonly compress: boolean) {
     this.sizeBytes = image.virtualSize;
+    this.parallelWrites = compress ? 2 : 1;
   }
 
   static async open(path: string, o: OpenSinkOptions): Promise<Qcow2Sink> {
@@ -153,6 +161,7 @@ class Qcow2Sink implements ConvertSink {
 /** A raw file (created sparse, only non-zero data written) or a block device. */
 class RawSink implements ConvertSink {
   readonly ordered = false;
+  readonly parallelWrites = 1;
 
   private constructor(readonly path: string, private readonly file: HostFile, readonly zeroInitialized: boolean,
     readonly granuleBytes: number, private readonly sync: boolean, private readonly regular: boolean) {}
@@ -209,6 +218,7 @@ class StdoutSink implements ConvertSink {
   readonly granuleBytes = 4096;
   readonly zeroInitialized = false;
   readonly ordered = true;
+  readonly parallelWrites = 1;
   private positionBytes = 0;
 
   constructor(private readonly out: Writable) {
