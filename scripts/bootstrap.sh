@@ -23,7 +23,7 @@ die() { printf '[bootstrap] ERROR: %s\n' "$*" >&2; exit 1; }
 # bench peers); filesystem/data tools used by tests and the demo; compilers and headers for native/
 # and fs-ext (node-gyp needs python3, make, g++).
 PACKAGES=(
-  libfuse2 fuse3
+  libfuse2 fuse3 libfuse3-dev
   qemu-utils qemu-system-common
   e2fsprogs fio util-linux jq kmod
   zlib1g-dev libzstd-dev pkg-config

@@ -46,8 +46,8 @@ export interface ConvertFilesOptions {
   jobs?: number;
   /** A stream source's expected size: ending before it (or going past it) is an error. */
   expectedBytes?: number;
-  /** Take QEMU-compatible locks on the source (default true; false is qemu-img's -U). */
-  lockSource?: boolean;
+  /** -U: read the source (and -B's backing file) sharing every permission, as qemu-img's force-share. */
+  forceShare?: boolean;
   onProgress?(doneBytes: number, totalBytes: number | undefined): void;
   /** Things the user should know (a source device mounted read-write). */
   onWarning?(message: string): void;
@@ -91,7 +91,7 @@ export async function convertFiles(sourcePath: string, destPath: string, o: Conv
   const source = await openConvertSource(sourcePath, {
     ...(o.sourceFormat ? { format: o.sourceFormat } : {}), ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
     ...(o.sourceCache ? { cache: o.sourceCache } : {}), ...(o.openHostFile ? { openHostFile: o.openHostFile } : {}),
-    ...(o.stdin ? { stdin: o.stdin } : {}), lock: o.lockSource ?? true,
+    ...(o.stdin ? { stdin: o.stdin } : {}), forceShare: o.forceShare ?? false,
   });
   let backing: ConvertSource | undefined;
   let sink: ConvertSink | undefined;
@@ -99,7 +99,7 @@ export async function convertFiles(sourcePath: string, destPath: string, o: Conv
   try {
     await refuseSourceAsDest(source, destPath);
     if (o.backingFile !== undefined) {
-      backing = await openConvertSource(resolveBackingPath(destPath, o.backingFile), { ...(o.backingFormat ? { format: o.backingFormat } : {}), lock: o.lockSource ?? true });
+      backing = await openConvertSource(resolveBackingPath(destPath, o.backingFile), { ...(o.backingFormat ? { format: o.backingFormat } : {}), forceShare: o.forceShare ?? false });
     }
     const createOptions: CreateOptions = { ...o.createOptions, ...(o.backingFile !== undefined ? { backingFile: o.backingFile, backingFormat: backing!.format } : {}) };
     sink = await openConvertSink(destPath, {

@@ -50,8 +50,10 @@ export interface OpenSourceOptions {
   snapshot?: SnapshotRef;
   /** -T: host cache mode of the source ('none' = O_DIRECT). */
   cache?: CacheMode;
-  /** Take QEMU's shared read locks (default true). */
+  /** Take QEMU's reader locks (default true). */
   lock?: boolean;
+  /** -U: share every permission (read an image another process writes), as qemu-img's force-share. */
+  forceShare?: boolean;
   /** How host files are opened (tests inject faults). */
   openHostFile?: HostFileOpener;
   /** The stream read for path '-' (default process.stdin). */
@@ -67,7 +69,7 @@ export function hasQcow2Magic(first: Uint8Array): boolean {
 export async function openConvertSource(path: string, options: OpenSourceOptions = {}): Promise<ConvertSource> {
   if (path === '-') return StreamSource.open(options.stdin ?? process.stdin, options.format);
   const opener = options.openHostFile ?? openNodeHostFile;
-  const file = await opener(path, { readOnly: true, direct: options.cache === 'none', lock: options.lock ?? true });
+  const file = await opener(path, { readOnly: true, direct: options.cache === 'none', lock: options.lock ?? true, forceShare: options.forceShare ?? false });
   let format = options.format;
   if (format === undefined) {
     const first = Buffer.alloc(Math.max(file.dioAlignment, 512));
@@ -107,7 +109,9 @@ class Qcow2Source implements ConvertSource {
     private readonly read: (guestOffset: number, buf: Buffer) => Promise<void>, private readonly topMap?: ClusterMap) {}
 
   static async open(path: string, options: OpenSourceOptions, opener: HostFileOpener): Promise<Qcow2Source> {
-    const image = await Qcow2Image.open(path, { readOnly: true, openHostFile: opener, lock: options.lock ?? true, ...(options.cache ? { cache: options.cache } : {}) });
+    const image = await Qcow2Image.open(path, {
+      readOnly: true, openHostFile: opener, lock: options.lock ?? true, forceShare: options.forceShare ?? false, ...(options.cache ? { cache: options.cache } : {}),
+    });
     try {
       if (options.snapshot === undefined) return new Qcow2Source(path, image, image.virtualSize, (o, b) => image.readInto(o, b));
       // As qemu-img convert -l: the snapshot's tables, the image's current size.

@@ -252,7 +252,8 @@ function openFailure(image: string, err: unknown): MountError {
   const message = err instanceof Error ? err.message : String(err);
   const code = (err as { code?: unknown }).code;
   if (code === 'ELOCKED') {
-    return new MountError('ELOCKED', `cannot mount ${image}: the image is in use by another process (a qcow2fuse mount or QEMU): ${message}`, {}, err);
+    // The lock error names the image, the holder's QEMU permission and what to do (-o ro,force-share …).
+    return new MountError('ELOCKED', `cannot mount ${message}`, {}, err);
   }
   return new MountError(typeof code === 'string' ? code : 'EIO', `cannot mount ${image}: ${message}`, {}, err);
 }

@@ -2,7 +2,9 @@
  * `qcow2fuse mount -o OPTS`: parsing, validation, and what each option turns into — the options the
  * image is opened with and the libfuse mount options.
  *
- *   ro                      read-only: the image is opened read-only, the mount is MS_RDONLY
+ *   ro                      read-only: the image is opened read-only, the mount is MS_RDONLY; the image
+ *                           is refused while another process writes it, and keeps writers out (QEMU's locks)
+ *   force-share             with ro: read an image another process writes (qemu-img -U), keep nobody out
  *   compress                store every full guest cluster written compressed (the driver's job)
  *   nogrow                  pin the virtual size: truncate → EPERM, writes wholly past the end → EFBIG
  *   direct_io | kernel_cache  how the kernel caches the mounted files (default: direct_io with compress,
@@ -15,6 +17,10 @@
  *   name=NAME               the raw file's name (default disk.raw)
  *   attr_timeout=SECONDS, entry_timeout=SECONDS   kernel attribute/lookup cache (default 0 / 1)
  *   readahead=SIZE          the kernel's read-ahead on the mount (default 1M; libfuse 2 leaves 128K)
+ *
+ * The options mount(8), mount.fuse3 and systemd add when mounting from fstab (`rw`, `dev`, `suid`,
+ * `exec`, `noatime`, `_netdev`, `nofail`, `x-systemd.*`, `comment=` …: MOUNT8_OPTIONS) are accepted and
+ * ignored, as mount.fuse3 documents for filesystems that have no use for them.
  *
  * The attribute timeout defaults to 0 because the inspection files change size every time they are
  * generated (on open), and the kernel must see the new size before it reads.
@@ -31,6 +37,8 @@ export type KernelCacheMode = 'direct_io' | 'kernel_cache' | 'default';
 
 export interface MountOptions {
   readOnly: boolean;
+  /** With readOnly: share every permission (read while another process writes; keep nobody out). */
+  forceShare: boolean;
   compress: boolean;
   nogrow: boolean;
   kernelCache: KernelCacheMode;
@@ -54,6 +62,7 @@ export interface MountOptions {
 /** What the image is opened with (Qcow2Image.open's options). */
 export interface DeviceOpenOptions {
   readOnly: boolean;
+  forceShare?: boolean;
   cache?: HostCacheMode;
   aio?: AioMode;
   l2CacheBytes?: number;
@@ -73,6 +82,24 @@ export const DEFAULT_READAHEAD_BYTES = 1024 * 1024;
 export const MAX_WRITE_BYTES = 131072;
 /** fuse-native passes the whole option string in a 1024-byte buffer. */
 const MAX_OPTION_STRING = 1000;
+
+/**
+ * Generic options of mount(8) (and what mount.fuse3 passes on from them) and its userspace-only
+ * ones: accepted and ignored. `ro`/`rw` are not among them: they are ours.
+ */
+const MOUNT8_OPTIONS: ReadonlySet<string> = new Set([
+  'defaults', 'auto', 'noauto', 'user', 'nouser', 'users', 'owner', 'group', 'nofail', '_netdev',
+  'dev', 'nodev', 'suid', 'nosuid', 'exec', 'noexec', 'sync', 'async', 'dirsync', 'mand', 'nomand',
+  'atime', 'noatime', 'diratime', 'nodiratime', 'relatime', 'norelatime', 'strictatime', 'nostrictatime',
+  'lazytime', 'nolazytime', 'iversion', 'noiversion', 'silent', 'loud', 'symfollow', 'nosymfollow', 'default_permissions',
+]);
+/** Options with a value that mount(8), SELinux and systemd use (comment=, x-systemd.automount, X-mount.mkdir …). */
+const MOUNT8_PREFIXES: readonly string[] = ['x-', 'X-', 'comment=', 'context=', 'fscontext=', 'defcontext=', 'rootcontext='];
+
+/** True for an option of mount(8), systemd or SELinux that a qcow2fuse mount accepts and ignores. */
+export function isIgnoredMountOption(item: string): boolean {
+  return MOUNT8_OPTIONS.has(item) || MOUNT8_PREFIXES.some((prefix) => item.startsWith(prefix));
+}
 
 const SIZE_UNITS: Readonly<Record<string, number>> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
 
@@ -110,14 +137,14 @@ export function validateRawName(name: string): string {
  */
 export function parseMountOptions(specs: readonly string[]): MountOptions {
   const options: MountOptions = {
-    readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false,
+    readOnly: false, forceShare: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false,
     name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1, readaheadBytes: DEFAULT_READAHEAD_BYTES,
   };
   let directIo = false;
   let kernelCache = false;
   for (const spec of specs) {
     for (const item of spec.split(',')) {
-      if (item === '') continue;
+      if (item === '' || isIgnoredMountOption(item)) continue;
       const eq = item.indexOf('=');
       const key = eq < 0 ? item : item.slice(0, eq);
       const value = eq < 0 ? undefined : item.slice(eq + 1);
@@ -132,6 +159,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
       switch (key) {
         case 'ro': options.readOnly = flag(); break;
         case 'rw': options.readOnly = !flag(); break;
+        case 'force-share': options.forceShare = flag(); break;
         case 'compress': options.compress = flag(); break;
         case 'nogrow': options.nogrow = flag(); break;
         case 'direct_io': directIo = flag(); break;
@@ -167,6 +195,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
     }
   }
   if (directIo && kernelCache) throw invalid('mount options direct_io and kernel_cache exclude each other');
+  if (options.forceShare && !options.readOnly) throw invalid('mount option force-share needs ro (QEMU: force-share=on can only be used with read-only images)');
   options.kernelCache = directIo ? 'direct_io' : kernelCache ? 'kernel_cache' : options.compress ? 'direct_io' : 'default';
   return options;
 }
@@ -174,6 +203,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
 /** The options the image is opened with for a mount with `options`. */
 export function deviceOpenOptions(options: MountOptions): DeviceOpenOptions {
   const open: DeviceOpenOptions = { readOnly: options.readOnly };
+  if (options.forceShare) open.forceShare = true;
   if (options.hostCache !== undefined) open.cache = options.hostCache;
   if (options.aio !== undefined) open.aio = options.aio;
   if (options.l2CacheBytes !== undefined) open.l2CacheBytes = options.l2CacheBytes;

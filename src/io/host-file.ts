@@ -22,15 +22,21 @@ export type WritePoint =
 export type AioMode = 'threads' | 'native';
 
 export interface HostFileOpenOptions {
-  /** Open read-only (no write permission, shared locks only). */
+  /** Open read-only (no write permission; reader locks). */
   readOnly: boolean;
   /** O_DIRECT for all I/O on this handle. */
   direct?: boolean;
   /**
    * Take locks: for write, an exclusive flock plus QEMU-compatible OFD locks; for read-only, QEMU's
-   * read locks sharing every permission (like `qemu-img -U`). Default true.
+   * reader locks (consistent read, sharing neither write nor resize: refused while a writer holds
+   * the file, and keeping writers out). Default true.
    */
   lock?: boolean;
+  /**
+   * Read-only opens only: share every permission, as `qemu-img -U` (force-share) — read a file
+   * another process writes, and keep no writer out. Default false.
+   */
+  forceShare?: boolean;
   /**
    * How a direct handle's reads and writes reach the kernel, as QEMU's `aio=`: 'native' (Linux AIO,
    * the whole queue at the device; the default) or 'threads' (libuv's threadpool). Buffered handles

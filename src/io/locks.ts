@@ -10,22 +10,28 @@
  * which any other description's read lock blocks):
  *   - for each bit it wants to hold, byte 200 + i ("Failed to get \"write\" lock");
  *   - for each bit it does not share, byte 100 + i ("Failed to get shared \"write\" lock").
- * Because the locks belong to the open file description, an opener never conflicts with itself.
+ * Because the locks belong to the open file description, an opener never conflicts with itself —
+ * but two descriptions of one process do conflict, exactly as two processes.
  *
  * What the QEMU tools take on a qcow2 file (measured with /proc/locks on qemu 7.2):
  *   read-write (qemu-io, qemu-img commit/resize…): bytes 100 101 103, 201 203
  *     (holds consistent read, write, resize; shares consistent read and write unchanged);
- *   read-only (qemu-img info/check/convert source): bytes 100, 201 203;
- *   read-only with -U / force-share: byte 100 only.
- * We open for write exactly like the first and read-only like the last (sharing everything), so
- * `qemu-img info IMG` refuses an image we write, `qemu-img info -U IMG` works, and we refuse to
- * write an image QEMU writes but can still read it.
+ *   read-only (qemu-img info/check/map/convert source, qemu-io -r): bytes 100, 201 203
+ *     (holds consistent read; does not share write nor resize);
+ *   read-only with -U / force-share: byte 100 only (shares everything);
+ *   the backing files of any of these: as the read-only opener (100, 201 203), or 100 alone when
+ *     the top image is opened with force-share (QEMU passes force-share down the chain);
+ *   the backing file `qemu-img create -b` reads for its size: force-share.
+ * We take the same bytes in each case (QEMU_WRITER, QEMU_READER, QEMU_SHARED_READER), so a writer
+ * refuses readers and writers, a reader refuses writers (and is refused by them), and force-share
+ * readers read anyway and keep nobody out.
  */
+import { closeSync, openSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
 import createDebug from 'debug';
 
-import { HostIoError, LockError } from './errors.js';
+import { CodedError, HostIoError, LockError } from './errors.js';
 import { errorCodeOf, ofdGetLock, ofdSetLock } from './native.js';
 
 const debug = createDebug('qcow2fuse:io');
@@ -56,6 +62,12 @@ export interface QemuPermissions {
 /** A writer of the image, as qemu-io/qemu-img open a qcow2 read-write. */
 export const QEMU_WRITER: QemuPermissions = Object.freeze({
   perm: QEMU_PERM.CONSISTENT_READ | QEMU_PERM.WRITE | QEMU_PERM.RESIZE,
+  sharedPerm: QEMU_PERM.CONSISTENT_READ | QEMU_PERM.WRITE_UNCHANGED,
+});
+
+/** A read-only opener, as `qemu-img info` and the backing files of a writer: shares neither write nor resize. */
+export const QEMU_READER: QemuPermissions = Object.freeze({
+  perm: QEMU_PERM.CONSISTENT_READ,
   sharedPerm: QEMU_PERM.CONSISTENT_READ | QEMU_PERM.WRITE_UNCHANGED,
 });
 
@@ -120,9 +132,39 @@ function isLockConflict(error: unknown): boolean {
   return code === 'EAGAIN' || code === 'EACCES' || code === 'EWOULDBLOCK';
 }
 
-/** Advice appended to every lock conflict message. */
-function remedy(readOnly: boolean): string {
-  return readOnly ? 'stop that process or open it there with shared permissions' : 'open read-only or stop that process';
+/** What to do about a conflict, appended to its message. */
+const FORCE_SHARE_HINT = 'to read it anyway, use -U (--force-share), or -o ro,force-share for a mount (what is read may be stale)';
+
+function remedy(readOnly: boolean, otherIsWriter: boolean): string {
+  if (otherIsWriter) return readOnly ? `stop that process first, or ${FORCE_SHARE_HINT}` : `stop that process first; ${FORCE_SHARE_HINT}`;
+  return readOnly ? 'stop that process first' :
+    'wait for it to finish or stop it (readers without -U/force-share keep writers out, as QEMU\'s do)';
+}
+
+/**
+ * The QEMU permissions of an opener: writer, reader, or force-share reader. Force-share is for
+ * read-only opens only (QEMU: "force-share=on can only be used with read-only images").
+ */
+export function qemuPermissionsFor(path: string, readOnly: boolean, forceShare: boolean): QemuPermissions {
+  if (forceShare && !readOnly) {
+    throw new CodedError('EINVAL', `${path}: force-share can only be used with read-only images (QEMU: force-share=on can only be used ` +
+      'with read-only images); open it read-only (mount -o ro,force-share)', { path });
+  }
+  return readOnly ? (forceShare ? QEMU_SHARED_READER : QEMU_READER) : QEMU_WRITER;
+}
+
+/**
+ * What other processes hold on the QEMU lock bytes of `path` (through a description of our own,
+ * opened and closed here; OFD locks of other descriptions are not touched). For the force-share
+ * warning: is someone writing the image we are about to read?
+ */
+export function probeQemuLocks(path: string): QemuLockState {
+  const fd = openSync(path, 'r');
+  try {
+    return queryQemuLocks(fd);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** A conflict found by QEMU's checks: the permission in dispute and which check found it. */
@@ -151,25 +193,27 @@ function findQemuConflict(fd: number, permissions: QemuPermissions): QemuConflic
 }
 
 /**
- * The LockError for a conflict. When the other process holds the write permission (a writer such
- * as a running VM or qemu-io) that is what the message names, whichever check tripped first.
+ * The LockError for a conflict, in QEMU's terms (its message is kept in the details and quoted).
+ * When the other process holds the write permission (a running VM, qemu-io, a qcow2fuse mount) and
+ * we do not share it, that is what the message names, whichever check tripped first.
  */
 function conflictError(fd: number, path: string, permissions: QemuPermissions, conflict: QemuConflict): LockError {
   const readOnly = !hasBit(permissions.perm, 1);
-  const name = permName(conflict.bit);
-  const qemuMessage = conflict.kind === 'unshared' ? `Failed to get "${name}" lock` : `Failed to get shared "${name}" lock`;
   const others = queryQemuLocks(fd);
+  const otherIsWriter = others.held.includes('write') && !hasBit(permissions.sharedPerm, 1);
+  const name = otherIsWriter ? 'write' : permName(conflict.bit);
+  const kind = otherIsWriter ? (readOnly ? 'held' : 'unshared') : conflict.kind;
+  const qemuMessage = kind === 'unshared' ? `Failed to get "${name}" lock` : `Failed to get shared "${name}" lock`;
   const details = { lockByte: conflict.lockByte, permission: name, qemuMessage, otherHolders: others };
-  if (others.held.includes('write') && !hasBit(permissions.sharedPerm, 1)) {
-    return new LockError(path, `image is in use by another process (QEMU lock on 'write' permission held); ${remedy(readOnly)}`,
-      { ...details, permission: 'write' });
+  const quote = `(QEMU: ${qemuMessage}; is another process using the image?)`;
+  if (otherIsWriter) {
+    return new LockError(path, `image is in use by another process that is writing it ${quote}; ${remedy(readOnly, true)}`, details);
   }
-  if (conflict.kind === 'held') {
-    return new LockError(path, `image is in use by another process (QEMU lock on '${name}' permission held); ${remedy(readOnly)}`,
-      details);
+  if (kind === 'held') {
+    return new LockError(path, `image is in use by another process that holds the '${name}' permission ${quote}; ${remedy(readOnly, false)}`, details);
   }
-  return new LockError(path, `image is in use by another process that does not share the '${name}' permission ` +
-    `(QEMU: ${qemuMessage}); ${remedy(readOnly)}`, details);
+  return new LockError(path, `image is in use by another process that does not share the '${name}' permission ${quote}; ` +
+    remedy(readOnly, false), details);
 }
 
 /**
@@ -185,7 +229,7 @@ export function applyQemuLocks(fd: number, path: string, permissions: QemuPermis
       } catch (error) {
         if (isLockConflict(error)) {
           throw new LockError(path, `image is in use by another process (it holds a write lock on QEMU lock byte ${byte}); ` +
-            remedy(!hasBit(permissions.perm, 1)), { lockByte: byte });
+            remedy(!hasBit(permissions.perm, 1), false), { lockByte: byte });
         }
         throw error;
       }
@@ -232,8 +276,8 @@ export function takeExclusiveFlock(fd: number, path: string): void {
     loadFsExt().flockSync(fd, 'exnb');
   } catch (error) {
     if (isLockConflict(error)) {
-      throw new LockError(path, 'image is in use by another process (an exclusive flock is held, e.g. by another ' +
-        'qcow2fuse mount); open read-only or stop that process', { lock: 'flock' });
+      throw new LockError(path, 'image is in use by another process that is writing it (an exclusive flock is held, e.g. by ' +
+        `another qcow2fuse mount); ${remedy(false, true)}`, { lock: 'flock' });
     }
     throw new HostIoError(errorCodeOf(error) ?? 'EIO', path, 'flock', undefined, error instanceof Error ? error.message : String(error));
   }

@@ -24,7 +24,7 @@ import { nativeAio, type AioEngine } from './aio.js';
 import { AlignedBufferPool, alignDown, alignUp, DEFAULT_ALIGNMENT_BYTES, isDirectIoReady } from './aligned-buffer.js';
 import { CodedError, HostIoError } from './errors.js';
 import type { HostFile, HostFileOpenOptions, WritePoint } from './host-file.js';
-import { applyQemuLocks, QEMU_SHARED_READER, QEMU_WRITER, releaseFlock, releaseQemuLocks, takeExclusiveFlock } from './locks.js';
+import { applyQemuLocks, qemuPermissionsFor, releaseFlock, releaseQemuLocks, takeExclusiveFlock } from './locks.js';
 import { dioAlignment as nativeDioAlignment, errorCodeOf, FADVISE, fadvise, FALLOC, fallocate } from './native.js';
 
 const debug = createDebug('qcow2fuse:io');
@@ -523,14 +523,15 @@ async function openAioHandle(path: string, flags: number, opened: Stats, engine:
 
 /**
  * Open `path` as a HostFile. Read-write opens take an exclusive flock and QEMU's writer locks;
- * read-only opens take QEMU's read lock sharing every permission (see locks.ts). `lock: false`
- * skips both. Fails with LockError when the image is in use, HostIoError for anything else
+ * read-only opens take QEMU's reader locks (sharing neither write nor resize), or with `forceShare`
+ * only the consistent-read byte, sharing everything (see locks.ts). `lock: false` skips all. Fails with LockError when the image is in use, HostIoError for anything else
  * (EINVAL for `direct` on a filesystem without O_DIRECT).
  */
 export async function openNodeHostFile(path: string, options: HostFileOpenOptions): Promise<HostFile> {
   const readOnly = options.readOnly;
   const direct = options.direct ?? false;
   const lock = options.lock ?? true;
+  const permissions = qemuPermissionsFor(path, readOnly, options.forceShare ?? false);
   const flags = (readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR) |
     (direct ? fsConstants.O_DIRECT : 0) |
     (!readOnly && options.create === true ? fsConstants.O_CREAT : 0);
@@ -546,7 +547,7 @@ export async function openNodeHostFile(path: string, options: HostFileOpenOption
       if (!readOnly) {
         takeExclusiveFlock(handle.fd, path);
       }
-      applyQemuLocks(handle.fd, path, readOnly ? QEMU_SHARED_READER : QEMU_WRITER);
+      applyQemuLocks(handle.fd, path, permissions);
     }
     const stat = await handle.stat();
     const engine = direct && options.aio !== 'threads' ? nativeAio() : null;

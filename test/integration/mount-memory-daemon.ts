@@ -28,7 +28,7 @@ const openMemoryImage: DeviceOpener = async (path, options) => {
     fsExt.flockSync(fd, options.readOnly ? 'shnb' : 'exnb');
   } catch (err) {
     closeSync(fd);
-    throw new LockError(path, `failed to get an exclusive lock (${(err as Error).message})`);
+    throw new LockError(path, `image is in use by another process (failed to get an exclusive flock: ${(err as Error).message})`);
   }
   const openDelay = Number(process.env.QCOW2FUSE_TEST_OPEN_DELAY_MS ?? 0);
   if (openDelay > 0) {

@@ -9,6 +9,7 @@
 import type { AioMode } from '../../io/host-file.js';
 import { Qcow2Image, type CacheMode } from '../../qcow2/engine/image.js';
 import { parseArgs, parseSize } from '../args.js';
+import { FORCE_SHARE_FLAGS, forceShareOf, warnIfForceShared } from '../force-share.js';
 
 export const summary = 'run a simple I/O benchmark on an image (qemu-img bench)';
 
@@ -29,11 +30,13 @@ export interface BenchOptions {
   aio?: AioMode;
   pattern?: number;
   preallocate: boolean;
+  /** Read even while another process writes the image (-U). */
+  forceShare?: boolean;
 }
 
 /** Run the workload on `path`; the clock covers the requests and the final flush, not the open. */
 export async function runBench(path: string, o: BenchOptions): Promise<BenchResult> {
-  const image = await Qcow2Image.open(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate });
+  const image = await Qcow2Image.open(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate, forceShare: o.forceShare });
   try {
     // One buffer per request in flight, cut from one aligned allocation, as qemu-img bench does.
     const depth = Math.min(o.depth, o.count);
@@ -58,11 +61,18 @@ export async function runBench(path: string, o: BenchOptions): Promise<BenchResu
   }
 }
 
+const USAGE = 'usage: qcow2fuse bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [-t none|writeback|writethrough] ' +
+  '[-i threads|native] [--pattern=BYTE] [--no-prealloc] [-U] IMAGE\n';
+
 export async function run(argv: string[]): Promise<number> {
-  const { flags, positional } = parseArgs(argv, ['-c', '-d', '-s', '-S', '-o', '-t', '-i', '-f', '--pattern'], ['-w', '-n', '-q', '--no-prealloc']);
+  if (argv.includes('--help')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const { flags, positional } = parseArgs(argv, ['-c', '-d', '-s', '-S', '-o', '-t', '-i', '-f', '--pattern'], ['-w', '-n', '-q', '--no-prealloc', ...FORCE_SHARE_FLAGS]);
   const [path] = positional;
   if (path === undefined || positional.length !== 1) {
-    process.stderr.write('usage: qcow2fuse bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [-t none|writeback|writethrough] [-i threads|native] [--pattern=BYTE] [--no-prealloc] IMAGE\n');
+    process.stderr.write(USAGE);
     return 1;
   }
   const cache = flags.get('-t') ?? 'writeback';
@@ -87,7 +97,9 @@ export async function run(argv: string[]): Promise<number> {
     aio,
     pattern: flags.has('--pattern') ? Number(flags.get('--pattern')) : undefined,
     preallocate: !flags.has('--no-prealloc'),
+    forceShare: forceShareOf(flags),
   };
+  warnIfForceShared('bench', path, options.forceShare === true);
   if (!flags.has('-q')) {
     process.stdout.write(`Sending ${options.count} ${options.write ? 'write' : 'read'} requests, ${requestBytes} bytes each, ${options.depth} in parallel ` +
       `(starting at offset ${options.offset}, step size ${options.stepBytes})\n`);

@@ -3,17 +3,20 @@
  * counts leaked clusters and corruptions (refcount mismatches, bad table entries, wrong COPIED
  * flags, a broken snapshot table); -r leaks frees leaks, -r all also repairs corruptions.
  *
- * Exit codes as qemu-img: 0 clean, 1 the check could not run (or had internal errors), 2 corruptions
+ * Refused while another process writes the image, unless -U / --force-share (not with -r: a repair
+ * writes). Exit codes as qemu-img: 0 clean, 1 the check could not run (or had internal errors), 2 corruptions
  * left, 3 leaks only. Diagnostics go to stderr, the report to stdout (the same JSON keys as qemu-img).
  */
 import { checkImage, CheckFailedError, type CheckResult, type RepairMode } from '../../qcow2/check/check.js';
 import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { parseArgs } from '../args.js';
+import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
 import { commandError, progressText, qemuJson, writeOut } from '../output.js';
 
 export const summary = 'check an image for errors and leaks, optionally repair (qemu-img check)';
 
-const USAGE = `usage: qcow2fuse check [-f qcow2] [-r leaks|all] [--output=human|json] [-p] [-q] FILENAME
+const USAGE = `usage: qcow2fuse check [-f qcow2] [-U] [-r leaks|all] [--output=human|json] [-p] [-q] FILENAME
+${FORCE_SHARE_USAGE}
   -r leaks   free leaked clusters
   -r all     also repair corruptions (rebuilding the refcount structure when needed)
   -p         show progress on stderr
@@ -27,11 +30,12 @@ export interface CheckArgs {
   json: boolean;
   progress: boolean;
   quiet: boolean;
+  forceShare: boolean;
 }
 
 /** Parse the command line; throws on a malformed one. */
 export function parseCheckArgs(argv: string[]): CheckArgs | 'help' {
-  const { flags, positional } = parseArgs(argv, ['-f', '-r', '--output'], ['-p', '-q', '-U', '-h', '--help']);
+  const { flags, positional } = parseArgs(argv, ['-f', '-r', '--output'], ['-p', '-q', ...FORCE_SHARE_FLAGS, '-h', '--help']);
   if (flags.has('-h') || flags.has('--help')) return 'help';
   const format = flags.get('-f') ?? 'qcow2';
   if (format !== 'qcow2') throw new Error(`only qcow2 images can be checked (got -f ${format})`);
@@ -40,7 +44,7 @@ export function parseCheckArgs(argv: string[]): CheckArgs | 'help' {
   const repair = flags.get('-r');
   if (repair !== undefined && repair !== 'leaks' && repair !== 'all') throw new Error(`invalid -r argument '${repair}' (leaks or all)`);
   if (positional.length !== 1) throw new Error('expected one FILENAME');
-  return { path: positional[0], repair, json: output === 'json', progress: flags.has('-p'), quiet: flags.has('-q') };
+  return { path: positional[0], repair, json: output === 'json', progress: flags.has('-p'), quiet: flags.has('-q'), forceShare: forceShareOf(flags) };
 }
 
 /** qemu-img's human report (dump_human_image_check). */
@@ -96,7 +100,8 @@ export async function run(argv: string[]): Promise<number> {
   }
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(args.path, { readOnly: args.repair === undefined, check: true });
+    warnIfForceShared('check', args.path, args.forceShare);
+    image = await Qcow2Image.open(args.path, { readOnly: args.repair === undefined, check: true, forceShare: args.forceShare });
   } catch (err) {
     process.stderr.write(`qcow2fuse check: Could not open '${args.path}': ${commandError(err)}\n`);
     return 1;

@@ -7,6 +7,7 @@
 import { parseArgs, parseSize } from '../args.js';
 import { parseCreateArgs } from './create.js';
 import { commandError, trace } from '../output.js';
+import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
 import { convertFiles, type ConvertFilesOptions } from '../../convert/convert-files.js';
 import { ProgressReporter } from '../../convert/progress.js';
 import type { ConvertCacheMode } from '../../convert/sink.js';
@@ -16,7 +17,7 @@ import type { SnapshotRef } from '../../qcow2/engine/snapshot.js';
 
 export const summary = 'copy an image, raw file, block device or pipe to raw or (compressed) qcow2 (qemu-img convert)';
 
-const USAGE = `usage: qcow2fuse convert [-f raw|qcow2] [-O raw|qcow2] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-B BACKING [-F FMT]] [-n] [-m JOBS] [-t CACHE] [-T SRC_CACHE] [-l SNAPSHOT] SOURCE DEST
+const USAGE = `usage: qcow2fuse convert [-U] [-f raw|qcow2] [-O raw|qcow2] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-B BACKING [-F FMT]] [-n] [-m JOBS] [-t CACHE] [-T SRC_CACHE] [-l SNAPSHOT] SOURCE DEST
   SOURCE         a qcow2 image, a raw file, a block device, or '-' (stdin, e.g. a pipe)
   DEST           the output ('-' writes raw to stdout)
   -f FMT         source format (default: probed — qcow2 magic, else raw)
@@ -33,10 +34,11 @@ const USAGE = `usage: qcow2fuse convert [-f raw|qcow2] [-O raw|qcow2] [-o OPTION
   -l SNAPSHOT    read the internal snapshot SNAPSHOT (id or name; or snapshot.id=ID / snapshot.name=NAME)
   -p             show progress on stderr (percent, MB/s, time left)
   -q             quiet
+${FORCE_SHARE_USAGE} (the source)
 `;
 
 const VALUE_FLAGS = ['-O', '-f', '-l', '-o', '-t', '-T', '-S', '-B', '-F', '-m'];
-const BOOL_FLAGS = ['-p', '-q', '-c', '-n', '-U', '-h', '--help'];
+const BOOL_FLAGS = ['-p', '-q', '-c', '-n', ...FORCE_SHARE_FLAGS, '-h', '--help'];
 const DEST_CACHES: ConvertCacheMode[] = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
 const SOURCE_CACHES: CacheMode[] = ['writeback', 'writethrough', 'none'];
 
@@ -94,6 +96,7 @@ function copyOptions(flags: Map<string, string>): ConvertFilesOptions {
   }
   if (flags.has('-n')) o.noCreate = true;
   if (flags.has('-c')) o.compress = true;
+  if (forceShareOf(flags)) o.forceShare = true;
   return o;
 }
 
@@ -135,6 +138,7 @@ export async function run(argv: string[]): Promise<number> {
   const progress = args.progress ? new ProgressReporter({ tty: process.stderr.isTTY === true, write: (t) => process.stderr.write(t) }) : undefined;
   try {
     trace('convert %s → %s (%o)', args.source, args.dest, args.options);
+    if (args.source !== '-') warnIfForceShared('convert', args.source, args.options.forceShare ?? false);
     const result = await convertFiles(args.source, args.dest, {
       ...args.options,
       onWarning: (message) => process.stderr.write(`qcow2fuse convert: warning: ${message}\n`),

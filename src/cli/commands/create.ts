@@ -65,8 +65,9 @@ export async function run(argv: string[]): Promise<number> {
     parsed = parseCreateArgs(argv);
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
-    process.stderr.write(`${message}\n`);
-    return (err as { code?: string }).code === 'USAGE' ? 0 : 1;
+    const help = (err as { code?: string }).code === 'USAGE';
+    (help ? process.stdout : process.stderr).write(`${message}\n`);
+    return help ? 0 : 1;
   }
   const { path, options, quiet } = parsed;
   await createImage(path, options);

@@ -79,8 +79,14 @@ async function stageFiles(sources: string[], dest: string, budgetBytes: number):
   return { files, bytes };
 }
 
+const USAGE = 'usage: qcow2fuse demo [--dir DIR] [--size SIZE] [--keep]\n';
+
 export async function run(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, ['--dir', '--size'], ['--keep']);
+  const { flags } = parseArgs(argv, ['--dir', '--size'], ['--keep', '-h', '--help']);
+  if (flags.has('-h') || flags.has('--help')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
   const diskBytes = parseSize(flags.get('--size') ?? '256M');
   const base = flags.has('--dir') ? resolve(flags.get('--dir')!) : await mkdtemp('/var/tmp/qcow2fuse-demo-');
   await mkdir(base, { recursive: true });

@@ -2,17 +2,19 @@
  * `qcow2fuse map [-f qcow2] [-U] [--output=human|json] IMAGE` — qemu-img map: where every guest byte
  * comes from (which layer of the backing chain, data or zeros, which host offset), streamed. The JSON
  * is QEMU 7.2's, extent for extent; the human table lists only data with a host offset and fails
- * (exit 1) on compressed data, as qemu-img does.
+ * (exit 1) on compressed data, as qemu-img does. Refused while another process writes the image,
+ * unless -U / --force-share.
  */
 import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
 import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { mapEntries, mapJsonChunks } from '../../qcow2/tools/map.js';
 import { parseArgs } from '../args.js';
+import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
 import { commandError, MAP_HUMAN_HEADER, mapHumanLine, trace, writeOut } from '../output.js';
 
 export const summary = 'show the allocation map of an image (qemu-img map; --output=json for the same JSON)';
 
-const USAGE = 'usage: qcow2fuse map [-f qcow2] [-U] [--output=human|json] FILENAME\n';
+const USAGE = `usage: qcow2fuse map [-f qcow2] [-U] [--output=human|json] FILENAME\n${FORCE_SHARE_USAGE}\n`;
 
 /** Human lines gathered before one write. */
 const HUMAN_CHUNK_CHARS = 64 * 1024;
@@ -20,8 +22,9 @@ const HUMAN_CHUNK_CHARS = 64 * 1024;
 export async function run(argv: string[]): Promise<number> {
   let path: string;
   let json: boolean;
+  let forceShare: boolean;
   try {
-    const { flags, positional } = parseArgs(argv, ['-f', '--output'], ['-U', '-h', '--help']);
+    const { flags, positional } = parseArgs(argv, ['-f', '--output'], [...FORCE_SHARE_FLAGS, '-h', '--help']);
     if (flags.has('-h') || flags.has('--help')) {
       process.stdout.write(USAGE);
       return 0;
@@ -33,13 +36,15 @@ export async function run(argv: string[]): Promise<number> {
     if (positional.length !== 1) throw new Error('expected one FILENAME');
     path = positional[0]!;
     json = output === 'json';
+    forceShare = forceShareOf(flags);
   } catch (err) {
     process.stderr.write(`qcow2fuse map: ${commandError(err)}\n${USAGE}`);
     return 1;
   }
   const probe = nodeHostAllocationProbe();
   try {
-    const image = await Qcow2Image.open(path, { readOnly: true });
+    warnIfForceShared('map', path, forceShare);
+    const image = await Qcow2Image.open(path, { readOnly: true, forceShare });
     try {
       const entries = mapEntries(image, { probe });
       if (json) {

@@ -6,6 +6,9 @@
  * or stale …). With -f the mount is served in this process until it is unmounted (Ctrl-C works).
  * The daemon is this same command re-run with an internal flag; its output goes to a log file in the
  * runtime directory (see src/fuse/runtime.ts).
+ *
+ * mount(8) reaches it as `qcow2fuse IMAGE MOUNTPOINT -o OPTIONS` (through mount.fuse3, for
+ * `mount -t fuse.qcow2fuse` and fstab lines): main.ts turns that form into this command.
  */
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
@@ -15,6 +18,7 @@ import { errorMessage, reportToParent, serveMount, startBackgroundMount } from '
 import type { DeviceOpener } from '../../fuse/mount.js';
 import { parseMountOptions, type DeviceOpenOptions, type MountOptions } from '../../fuse/options.js';
 import { logPath, runtimeDir } from '../../fuse/runtime.js';
+import { forceShareWarning } from '../force-share.js';
 
 export const summary = 'mount an image as a raw file (plus inspection files) with FUSE';
 
@@ -24,14 +28,19 @@ const REPORT_FD = 3;
 
 export const USAGE = `usage: qcow2fuse mount [-o OPTIONS]... [-f] IMAGE MOUNTPOINT
 
+       qcow2fuse IMAGE MOUNTPOINT [-o OPTIONS]      (the same; the form mount(8) and fstab use)
+
 Shows, in MOUNTPOINT: disk.raw (the guest contents, read-write), info.json, map.json, layout.txt,
 check.json (generated when opened) and snapshots/NAME.raw (read-only snapshot views).
 Runs in the background once the mount is live; unmount with \`qcow2fuse unmount MOUNTPOINT\`
-(umount, fusermount -u, SIGINT and SIGTERM also close the image cleanly).
+(umount, fusermount -u, SIGINT and SIGTERM also close the image cleanly). The image is locked as
+QEMU locks it: a mount is refused while another process writes the image, and keeps writers out.
 
   -f                 stay in the foreground
   -o OPTIONS         comma-separated, any of:
-     ro                read-only
+     ro | rw           read-only | read-write (the default)
+     force-share       with ro: mount even while another process writes the image (qemu-img -U);
+                       keeps nobody out; what is read may be stale or inconsistent
      compress          store full clusters compressed (implies direct_io unless kernel_cache)
      nogrow            keep the virtual size: truncate fails EPERM, writes past the end EFBIG
      direct_io         bypass the kernel page cache for the mounted files
@@ -40,7 +49,9 @@ Runs in the background once the mount is live; unmount with \`qcow2fuse unmount 
      l2-cache-size=SIZE, refcount-cache-size=SIZE   table caches (K, M, G suffixes)
      allow_other       let other users access the mount
      name=NAME         name of the raw file (default disk.raw)
-     attr_timeout=S, entry_timeout=S   kernel attribute/lookup cache in seconds (default 0, 1)`;
+     attr_timeout=S, entry_timeout=S   kernel attribute/lookup cache in seconds (default 0, 1)
+     dev, suid, exec, noatime, _netdev, nofail, noauto, user, defaults, x-systemd.*, comment=…
+                       (what mount(8), mount.fuse3 and systemd pass): accepted and ignored`;
 
 export interface MountArgs {
   optionSpecs: string[];
@@ -51,6 +62,9 @@ export interface MountArgs {
   mountpoint?: string;
 }
 
+/** mount(8)'s helper flags (mount.TYPE SPEC DIR [-sfnv] [-o OPTS] [-t TYPE]), for /sbin/mount.fuse.qcow2fuse: ignored. */
+const MOUNT_HELPER_FLAGS: readonly string[] = ['-n', '-s', '-v'];
+
 /** Parse the command line; throws an EINVAL-coded error for a malformed one. */
 export function parseMountArgs(argv: readonly string[]): MountArgs {
   const args: MountArgs = { optionSpecs: [], foreground: false, daemonChild: false, help: false };
@@ -60,6 +74,11 @@ export function parseMountArgs(argv: readonly string[]): MountArgs {
     if (arg === '-h' || arg === '--help') args.help = true;
     else if (arg === '-f') args.foreground = true;
     else if (arg === DAEMON_FLAG) args.daemonChild = true;
+    else if (MOUNT_HELPER_FLAGS.includes(arg)) continue;
+    else if (arg === '-t') {
+      const type = argv[++i];
+      if (type !== 'fuse.qcow2fuse' && type !== 'qcow2fuse') throw new CodedError('EINVAL', `-t ${type ?? ''}: only fuse.qcow2fuse mounts are served`);
+    }
     else if (arg === '-o') {
       const spec = argv[++i];
       if (spec === undefined) throw new CodedError('EINVAL', '-o needs an argument');
@@ -119,6 +138,10 @@ export async function runMount(argv: readonly string[], env: MountEnvironment): 
   const image = resolve(args.image as string);
   const mountpoint = resolve(args.mountpoint as string);
   const logFile = logPath(await mountpointKey(mountpoint));
+  if (options.forceShare) {
+    const warning = forceShareWarning(image);
+    if (warning !== undefined) (args.daemonChild ? daemonLog : stderrLine)(`qcow2fuse mount: ${warning}`);
+  }
   const serve = { image, mountpoint, options, opener: env.opener, optionSpecs: args.optionSpecs, runtimeDir: runtimeDir(), logFile };
 
   if (args.daemonChild) {

@@ -7,7 +7,13 @@ import { parseArgs, parseSize } from '../args.js';
 
 export const summary = 'change the virtual size of an image (qemu-img resize)';
 
+const USAGE = 'usage: qcow2fuse resize [--shrink] [-q] FILENAME [+|-]SIZE\n';
+
 export async function run(argv: string[]): Promise<number> {
+  if (argv.includes('--help')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
   // A leading '-' on the size is a shrink request, not a flag: separate it before getopt.
   const sizeIndex = argv.findIndex((a, i) => i > 0 && /^[+-]?\d/.test(a));
   const sizeText = sizeIndex >= 0 ? argv[sizeIndex] : undefined;
@@ -15,7 +21,7 @@ export async function run(argv: string[]): Promise<number> {
   const { flags, positional } = parseArgs(rest, ['-f'], ['--shrink', '-q']);
   const [path] = positional;
   if (path === undefined || sizeText === undefined || positional.length !== 1) {
-    process.stderr.write('usage: qcow2fuse resize [--shrink] [-q] FILENAME [+|-]SIZE\n');
+    process.stderr.write(USAGE);
     return 1;
   }
   const image = await Qcow2Image.open(path, { readOnly: false });

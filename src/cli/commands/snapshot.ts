@@ -2,13 +2,14 @@
  * `qcow2fuse snapshot [-q] [-U] [-f qcow2] [-l | -c NAME | -d NAME | -a NAME] IMAGE` — qemu-img
  * snapshot: list the internal snapshots (the same table qemu-img 7.2 prints), create one, delete one
  * (looked up by name, then id) or apply one (by id, then name). Without an action the image is
- * opened for writing and closed again, as qemu-img does. -U is accepted for compatibility: listing
- * always shares the image. Exit status 1 on any failure.
+ * opened for writing and closed again, as qemu-img does. Listing is refused while another process
+ * writes the image, unless -U / --force-share (list only). Exit status 1 on any failure.
  */
 import { Qcow2Image } from '../../qcow2/engine/image.js';
 import { applySnapshot, createSnapshot, deleteSnapshot } from '../../qcow2/tools/snapshot-ops.js';
 import type { SnapshotEntry } from '../../qcow2/format/snapshot-table.js';
 import { parseArgs } from '../args.js';
+import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
 import { commandError, sizeToStr, writeOut } from '../output.js';
 
 export const summary = 'list, create, delete or apply internal snapshots (qemu-img snapshot)';
@@ -18,6 +19,7 @@ const USAGE = `usage: qcow2fuse snapshot [-q] [-U] [-f qcow2] [-l | -a SNAPSHOT 
   -c SNAPSHOT    create a snapshot named SNAPSHOT
   -d SNAPSHOT    delete the snapshot named (or else with id) SNAPSHOT
   -a SNAPSHOT    revert the image to the snapshot with id (or else named) SNAPSHOT
+${FORCE_SHARE_USAGE}
 `;
 
 type Action = { kind: 'list' } | { kind: 'none' } | { kind: 'create' | 'delete' | 'apply'; name: string };
@@ -50,8 +52,8 @@ export function formatSnapshotList(snapshots: readonly SnapshotEntry[]): string 
   return `${['Snapshot list:', snapshotLine(undefined), ...snapshots.map((s) => snapshotLine(s))].join('\n')}\n`;
 }
 
-function parse(argv: string[]): { action: Action; path: string } {
-  const { flags, positional } = parseArgs(argv, ['-c', '-d', '-a', '-f'], ['-l', '-q', '-U']);
+function parse(argv: string[]): { action: Action; path: string; forceShare: boolean } {
+  const { flags, positional } = parseArgs(argv, ['-c', '-d', '-a', '-f'], ['-l', '-q', ...FORCE_SHARE_FLAGS]);
   const format = flags.get('-f') ?? 'qcow2';
   if (format !== 'qcow2') throw new Error(`only qcow2 images are supported (got -f ${format})`);
   const actions: Action[] = [];
@@ -62,7 +64,7 @@ function parse(argv: string[]): { action: Action; path: string } {
   }
   if (actions.length > 1) throw new Error("Cannot mix '-l', '-a', '-c', '-d'");
   if (positional.length !== 1) throw new Error('Expecting one image file name');
-  return { action: actions[0] ?? { kind: 'none' }, path: positional[0] };
+  return { action: actions[0] ?? { kind: 'none' }, path: positional[0], forceShare: forceShareOf(flags) };
 }
 
 export async function run(argv: string[]): Promise<number> {
@@ -70,17 +72,18 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return 0;
   }
-  let args: { action: Action; path: string };
+  let args: { action: Action; path: string; forceShare: boolean };
   try {
     args = parse(argv);
   } catch (err) {
     process.stderr.write(`qcow2fuse snapshot: ${commandError(err)}\n${USAGE}`);
     return 1;
   }
-  const { action, path } = args;
+  const { action, path, forceShare } = args;
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(path, { readOnly: action.kind === 'list' });
+    warnIfForceShared('snapshot', path, forceShare);
+    image = await Qcow2Image.open(path, { readOnly: action.kind === 'list', forceShare });
   } catch (err) {
     process.stderr.write(`qcow2fuse snapshot: Could not open '${path}': ${commandError(err)}\n`);
     return 1;

@@ -57,6 +57,8 @@ export interface BackingOpenContext {
   opener: HostFileOpener;
   /** Resolved paths of the images above, for loop detection (the child first). */
   chain: string[];
+  /** Open the backing file sharing every permission (the top image was opened with force-share). */
+  forceShare?: boolean;
   /** Opens a qcow2 image read-only as a BackingReader (provided by image.ts to avoid a cycle). */
   openQcow2: (path: string, file: HostFile, chain: string[]) => Promise<BackingReader>;
 }
@@ -77,7 +79,7 @@ export async function openBacking(imagePath: string, name: string, format: strin
   }
   let file: HostFile;
   try {
-    file = await ctx.opener(path, { readOnly: true, lock: true });
+    file = await ctx.opener(path, { readOnly: true, lock: true, forceShare: ctx.forceShare });
   } catch (err) {
     // Name the image that wants it: the opener's error names only the backing file.
     const message = err instanceof Error ? err.message : String(err);

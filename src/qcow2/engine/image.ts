@@ -61,6 +61,10 @@ export interface Qcow2OpenOptions {
   decompressedCacheBytes?: number;
   /** Take QEMU-compatible locks (default true). */
   lock?: boolean;
+  /** Read-only opens: share every permission (qemu-img -U), down the backing chain too. */
+  forceShare?: boolean;
+  /** Do not open the backing chain (QEMU's BDRV_O_NO_BACKING, as qemu-img info): unallocated clusters read as zeros. */
+  noBacking?: boolean;
   /** How host files are opened (default: node-host-file). */
   openHostFile?: HostFileOpener;
   /**
@@ -196,12 +200,13 @@ export class Qcow2Image implements BlockDevice, BackingReader {
   }
 
   /**
-   * Open an image. Read-only opens share every permission with other users (like `qemu-img -U`);
-   * writable opens take QEMU's write locks. Backing files open read-only.
+   * Open an image. Read-only opens take QEMU's reader locks (or share everything with forceShare,
+   * like `qemu-img -U`); writable opens take QEMU's write locks. Backing files open as readers.
    */
   static async open(path: string, options: Qcow2OpenOptions): Promise<Qcow2Image> {
     const opener = options.openHostFile ?? openNodeHostFile;
-    const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', aio: options.aio, lock: options.lock ?? true };
+    const fileOptions: HostFileOpenOptions = { readOnly: options.readOnly, direct: options.cache === 'none', aio: options.aio, lock: options.lock ?? true,
+      forceShare: options.forceShare };
     const rawFile = options.file ?? await opener(path, fileOptions);
     const file = new SizeTrackingFile(rawFile, await rawFile.size());
     const cleanup: (() => Promise<void>)[] = [() => file.close()];
@@ -222,11 +227,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
         cleanup.push(() => dataFile.close());
       }
       let backing: BackingReader | undefined;
-      if (header.backingFile !== undefined) {
+      if (header.backingFile !== undefined && options.noBacking !== true) {
         const chain = options.chain ?? [path];
         backing = await openBacking(path, header.backingFile, header.backingFormat, {
-          opener, chain,
-          openQcow2: (p, f, c) => Qcow2Image.open(p, { readOnly: true, file: f, chain: c, openHostFile: opener, cache: options.cache }),
+          opener, chain, forceShare: options.forceShare,
+          openQcow2: (p, f, c) => Qcow2Image.open(p, { readOnly: true, file: f, chain: c, openHostFile: opener, cache: options.cache, forceShare: options.forceShare }),
         });
         const b = backing;
         cleanup.push(() => b.close());

@@ -73,11 +73,12 @@ export async function createImage(path: string, options: CreateOptions): Promise
   const opener = options.openHostFile ?? openNodeHostFile;
   let virtualSize = options.virtualSize;
   if (options.backingFile !== undefined) {
-    const backing = await Qcow2Image.open(resolveBackingPath(path, options.backingFile), { readOnly: true, openHostFile: opener })
+    // Only its size is read, sharing every permission as qemu-img create does (a VM may be running on it).
+    const backing = await Qcow2Image.open(resolveBackingPath(path, options.backingFile), { readOnly: true, forceShare: true, openHostFile: opener })
       .then(async (image) => { const size = image.virtualSize; await image.close(); return { size, format: 'qcow2' as const }; })
       .catch(async (err: unknown) => {
         if (options.backingFormat === 'qcow2') throw err;
-        const file = await opener(resolveBackingPath(path, options.backingFile!), { readOnly: true, lock: true });
+        const file = await opener(resolveBackingPath(path, options.backingFile!), { readOnly: true, lock: true, forceShare: true });
         try { return { size: await file.size(), format: 'raw' as const }; } finally { await file.close(); }
       });
     virtualSize ??= backing.size;

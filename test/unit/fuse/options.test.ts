@@ -29,18 +29,34 @@ describe('parseSize', () => {
 describe('parseMountOptions', () => {
   it('has sensible defaults', () => {
     expect(parseMountOptions([])).toEqual({
-      readOnly: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false, name: 'disk.raw', attrTimeout: 0, entryTimeout: 1,
-      readaheadBytes: 1024 * 1024,
+      readOnly: false, forceShare: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false, name: 'disk.raw', attrTimeout: 0,
+      entryTimeout: 1, readaheadBytes: 1024 * 1024,
     });
   });
 
   it('parses every option, across several -o lists', () => {
     expect(parseMountOptions(['ro,nogrow,cache=none,aio=threads', 'l2-cache-size=4M,refcount-cache-size=1M', 'allow_other,name=sda.img,kernel_cache',
-      'attr_timeout=2.5,entry_timeout=10,readahead=4M'])).toEqual({
-      readOnly: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', aio: 'threads', l2CacheBytes: 4 * 1024 ** 2,
+      'attr_timeout=2.5,entry_timeout=10,readahead=4M,force-share'])).toEqual({
+      readOnly: true, forceShare: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', aio: 'threads', l2CacheBytes: 4 * 1024 ** 2,
       refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10, readaheadBytes: 4 * 1024 ** 2,
     });
     expect(parseMountOptions(['ro', 'rw']).readOnly).toBe(false);
+  });
+
+  it('force-share needs ro (QEMU: force-share=on can only be used with read-only images); the device opens force-shared', () => {
+    expect(code(() => parseMountOptions(['force-share']))).toMatch(/^EINVAL: mount option force-share needs ro/);
+    expect(code(() => parseMountOptions(['ro,force-share', 'rw']))).toMatch(/needs ro/);
+    expect(deviceOpenOptions(parseMountOptions(['ro,force-share']))).toEqual({ readOnly: true, forceShare: true });
+    expect(deviceOpenOptions(parseMountOptions(['ro']))).toEqual({ readOnly: true });
+  });
+
+  it('accepts and ignores what mount(8), mount.fuse3 and systemd pass from fstab', () => {
+    const fromFstab = parseMountOptions(['rw,dev,suid,exec,noatime,_netdev,nofail,noauto,auto,user,nouser,users,owner,group,defaults',
+      'nodev,nosuid,noexec,atime,relatime,norelatime,strictatime,nostrictatime,lazytime,nolazytime,diratime,nodiratime,sync,async,dirsync',
+      'iversion,noiversion,mand,nomand,silent,loud,symfollow,nosymfollow,default_permissions,comment=vm disk',
+      'x-systemd.automount,x-systemd.device-timeout=5,x-systemd.requires=a.service,X-mount.mkdir,context=system_u:object_r:tmp_t:s0']);
+    expect(fromFstab).toEqual(parseMountOptions([]));
+    expect(parseMountOptions(['ro,noauto,nofail,x-systemd.automount,allow_other'])).toEqual({ ...parseMountOptions([]), readOnly: true, allowOther: true });
   });
 
   it('uses direct_io for compressed mounts unless kernel_cache is asked for', () => {

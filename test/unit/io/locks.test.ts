@@ -1,6 +1,7 @@
 /**
- * QEMU-compatible image locking against the real QEMU tools: the same lock bytes as qemu-io takes,
- * qemu-img refusing an image we write, and us refusing an image qemu-io writes, both ways.
+ * QEMU-compatible image locking against the real QEMU tools: the same lock bytes as qemu-io takes
+ * (writer, reader, force-share reader), qemu-img refusing an image we write, us refusing an image
+ * qemu-io writes, readers keeping writers out, force-share keeping nobody out — both ways.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, rmSync, statSync } from 'node:fs';
@@ -12,7 +13,8 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { LockError } from '../../../src/io/errors.js';
 import type { HostFile } from '../../../src/io/host-file.js';
 import {
-  QEMU_LOCK_PERM_BASE, QEMU_LOCK_SHARED_BASE, QEMU_SHARED_READER, QEMU_WRITER, qemuLockBytes, queryQemuLocks,
+  probeQemuLocks, QEMU_LOCK_PERM_BASE, QEMU_LOCK_SHARED_BASE, QEMU_READER, QEMU_SHARED_READER, QEMU_WRITER, qemuLockBytes,
+  qemuPermissionsFor, queryQemuLocks,
 } from '../../../src/io/locks.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
 
@@ -95,8 +97,8 @@ let image: string;
 const openFiles: HostFile[] = [];
 const qemuProcesses: QemuIo[] = [];
 
-async function openTracked(readOnly: boolean, lock = true): Promise<HostFile> {
-  const file = await openNodeHostFile(image, { readOnly, lock });
+async function openTracked(readOnly: boolean, lock = true, forceShare = false): Promise<HostFile> {
+  const file = await openNodeHostFile(image, { readOnly, lock, forceShare });
   openFiles.push(file);
   return file;
 }
@@ -133,12 +135,20 @@ describe('QEMU lock byte layout', () => {
     expect(QEMU_LOCK_PERM_BASE).toBe(100);
     expect(QEMU_LOCK_SHARED_BASE).toBe(200);
     expect(qemuLockBytes(QEMU_WRITER)).toEqual([100, 101, 103, 201, 203]);
+    expect(qemuLockBytes(QEMU_READER)).toEqual([100, 201, 203]);
     expect(qemuLockBytes(QEMU_SHARED_READER)).toEqual([100]);
+  });
+
+  it('picks writer, reader or force-share reader; force-share needs read-only, as in QEMU', () => {
+    expect(qemuPermissionsFor('i', false, false)).toBe(QEMU_WRITER);
+    expect(qemuPermissionsFor('i', true, false)).toBe(QEMU_READER);
+    expect(qemuPermissionsFor('i', true, true)).toBe(QEMU_SHARED_READER);
+    expect(() => qemuPermissionsFor('i', false, true)).toThrow('force-share=on can only be used with read-only images');
   });
 });
 
 describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
-  it('takes exactly the bytes qemu-io takes, for write and for a force-shared read', async () => {
+  it('takes exactly the bytes qemu-io takes, for write, for read and for a force-shared read', async () => {
     const qemuWriter = startQemuIo([image]);
     await qemuWriter.ready(image, 5);
     const qemuWriterBytes = await procLockBytes(image);
@@ -150,12 +160,20 @@ describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
     await ours.close();
     expect(await procLockBytes(image)).toEqual([]);
 
-    const qemuReader = startQemuIo(['-r', '-U', image]);
-    await qemuReader.ready(image, 1);
+    const qemuReader = startQemuIo(['-r', image]);
+    await qemuReader.ready(image, 3);
     const qemuReaderBytes = await procLockBytes(image);
     await qemuReader.stop();
-    await openTracked(true);
+    const reader = await openTracked(true);
     expect(await procLockBytes(image)).toEqual(qemuReaderBytes);
+    await reader.close();
+
+    const qemuSharedReader = startQemuIo(['-r', '-U', image]);
+    await qemuSharedReader.ready(image, 1);
+    const qemuSharedReaderBytes = await procLockBytes(image);
+    await qemuSharedReader.stop();
+    await openTracked(true, true, true);
+    expect(await procLockBytes(image)).toEqual(qemuSharedReaderBytes);
   });
 
   it('while we write, qemu-img info fails with its lock error and info -U works', async () => {
@@ -171,8 +189,16 @@ describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
     expect(write.stderr).toContain('Failed to get "write" lock');
   });
 
-  it('while we read (sharing everything), qemu-img info and qemu-io writes work', async () => {
+  it('while we read, qemu-img info works and qemu-io cannot write (we do not share write)', async () => {
     await openTracked(true);
+    expect(run('qemu-img', ['info', image]).status).toBe(0);
+    const write = run('qemu-io', ['-c', 'write -P 7 0 512', image]);
+    expect(write.status).not.toBe(0);
+    expect(write.stderr).toContain('Failed to get "write" lock');
+  });
+
+  it('while we read with force-share, qemu-io writes work', async () => {
+    await openTracked(true, true, true);
     expect(run('qemu-img', ['info', image]).status).toBe(0);
     const write = run('qemu-io', ['-c', 'write -P 7 0 512', image]);
     expect(write.stderr).toBe('');
@@ -186,7 +212,7 @@ describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
     expect(run('qemu-img', ['info', image]).status).toBe(0);
   });
 
-  it('while qemu-io writes, our open for write fails with LockError and read-only works', async () => {
+  it('while qemu-io writes, our opens for write and for read fail with LockError; force-share reads', async () => {
     const qemu = startQemuIo([image]);
     await qemu.ready(image, 5);
     const failure = await openNodeHostFile(image, { readOnly: false }).catch((error: unknown) => error);
@@ -194,12 +220,22 @@ describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
     expect(failure).toMatchObject({
       code: 'ELOCKED', details: { path: image, permission: 'write', qemuMessage: 'Failed to get "write" lock' },
     });
-    expect((failure as Error).message).toContain("image is in use by another process (QEMU lock on 'write' permission held)");
-    expect((failure as Error).message).toContain('open read-only or stop that process');
+    expect((failure as Error).message).toContain(`${image}: image is in use by another process that is writing it`);
+    expect((failure as Error).message).toContain('use -U (--force-share), or -o ro,force-share for a mount');
     // The failed open released whatever it had taken: only qemu-io's bytes remain.
     expect(await procLockBytes(image)).toEqual([100, 101, 103, 201, 203]);
 
-    const reader = await openTracked(true);
+    const readFailure = await openNodeHostFile(image, { readOnly: true }).catch((error: unknown) => error);
+    expect(readFailure).toBeInstanceOf(LockError);
+    expect(readFailure).toMatchObject({
+      code: 'ELOCKED', details: { path: image, permission: 'write', qemuMessage: 'Failed to get shared "write" lock' },
+    });
+    expect((readFailure as Error).message).toContain('Failed to get shared "write" lock; is another process using the image?');
+    expect((readFailure as Error).message).toContain('-U (--force-share)');
+    expect(await procLockBytes(image)).toEqual([100, 101, 103, 201, 203]);
+    expect(probeQemuLocks(image)).toEqual({ held: ['consistent read', 'write', 'resize'], unshared: ['write', 'resize'] });
+
+    const reader = await openTracked(true, true, true);
     const header = Buffer.alloc(4);
     expect(await reader.pread(header, 0)).toBe(4);
     expect(header.toString('latin1')).toBe('QFI\xfb');
@@ -214,7 +250,15 @@ describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
     const failure = await openNodeHostFile(image, { readOnly: false }).catch((error: unknown) => error);
     expect(failure).toBeInstanceOf(LockError);
     expect((failure as Error).message).toContain("does not share the 'write' permission");
+    expect((failure as Error).message).toContain('wait for it to finish or stop it');
     await openTracked(true);
+  });
+
+  it('while a force-share qemu-io reads, our open for write works', async () => {
+    const qemu = startQemuIo(['-r', '-U', image]);
+    await qemu.ready(image, 1);
+    const writer = await openTracked(false);
+    await writer.pwrite(Buffer.from('x'), 1 << 20);
   });
 
   it('reports what other processes hold', async () => {
@@ -230,18 +274,33 @@ describe.skipIf(!hasQemu)('interop with qemu-img and qemu-io', () => {
 });
 
 describe.skipIf(!hasQemu)('between our own handles', () => {
-  it('a second writer fails on the flock; readers and unlocked opens work', async () => {
+  it('a second writer and a reader fail; force-share readers and unlocked opens work', async () => {
     await openTracked(false);
     const failure = await openNodeHostFile(image, { readOnly: false }).catch((error: unknown) => error);
     expect(failure).toBeInstanceOf(LockError);
     expect((failure as Error).message).toContain('flock');
-    await openTracked(true);
+    const readFailure = await openNodeHostFile(image, { readOnly: true }).catch((error: unknown) => error);
+    expect(readFailure).toBeInstanceOf(LockError);
+    expect((readFailure as Error).message).toContain('that is writing it');
+    await openTracked(true, true, true);
     await openTracked(false, false);
   });
 
-  it('a writer can open while we read, like QEMU with shared permissions', async () => {
+  it('readers share with readers and keep writers out; a force-share reader keeps nobody out', async () => {
     await openTracked(true);
+    await openTracked(true);
+    const failure = await openNodeHostFile(image, { readOnly: false }).catch((error: unknown) => error);
+    expect(failure).toBeInstanceOf(LockError);
+    expect((failure as Error).message).toContain("does not share the 'write' permission");
+    await Promise.all(openFiles.splice(0).map((file) => file.close()));
+    await openTracked(true, true, true);
     const writer = await openTracked(false);
     await writer.pwrite(Buffer.from('x'), 1 << 20);
+  });
+
+  it('force-share on a read-write open is refused', async () => {
+    const failure = await openNodeHostFile(image, { readOnly: false, forceShare: true }).catch((error: unknown) => error);
+    expect(failure).toMatchObject({ code: 'EINVAL' });
+    expect((failure as Error).message).toContain('force-share=on can only be used with read-only images');
   });
 });

@@ -187,8 +187,10 @@ describe.skipIf(!hasQemu)('qcow2fuse check (CLI)', () => {
   }
 
   it('parses qemu-img check arguments', () => {
-    expect(parseCheckArgs(['-r', 'all', '--output=json', '-p', 'x.qcow2'])).toEqual({ path: 'x.qcow2', repair: 'all', json: true, progress: true, quiet: false });
-    expect(parseCheckArgs(['-f', 'qcow2', '-q', 'x.qcow2'])).toEqual({ path: 'x.qcow2', repair: undefined, json: false, progress: false, quiet: true });
+    expect(parseCheckArgs(['-r', 'all', '--output=json', '-p', 'x.qcow2'])).toEqual({ path: 'x.qcow2', repair: 'all', json: true, progress: true, quiet: false, forceShare: false });
+    expect(parseCheckArgs(['-f', 'qcow2', '-q', 'x.qcow2'])).toEqual({ path: 'x.qcow2', repair: undefined, json: false, progress: false, quiet: true, forceShare: false });
+    expect(parseCheckArgs(['-U', 'x.qcow2'])).toMatchObject({ forceShare: true });
+    expect(parseCheckArgs(['--force-share', 'x.qcow2'])).toMatchObject({ forceShare: true });
     expect(parseCheckArgs(['--help'])).toBe('help');
     expect(() => parseCheckArgs(['-r', 'some', 'x.qcow2'])).toThrow(/leaks or all/);
     expect(() => parseCheckArgs(['-f', 'raw', 'x.qcow2'])).toThrow(/qcow2/);
