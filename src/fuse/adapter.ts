@@ -1,21 +1,20 @@
 /**
- * The one FUSE adapter: turns the async handlers of ops.ts into fuse-native's callback operations.
+ * The fuse-native adapter (`-o transport=fuse-native`): turns the async handlers of ops.ts into
+ * fuse-native's callback operations. (The default transport's adapter is session-adapter.ts.)
  *
- * - Every request is answered exactly once: a handler's result or error is delivered through a guard
- *   that drops (and traces) any second answer; a handler that throws synchronously is caught too
- *   (fuse-native does not catch, and an unanswered request hangs the caller in the kernel).
+ * - Every request is answered exactly once (requests.ts): a second answer is dropped and traced; a
+ *   handler that throws synchronously is caught too (fuse-native does not catch, and an unanswered
+ *   request hangs the caller in the kernel).
  * - Errors become negative errnos from their `code` (errno.ts); unknown errors answer -EIO.
+ * - libfuse 2 has no fallocate nor lseek: the kernel answers fallocate EOPNOTSUPP itself, and SEEK_DATA /
+ *   SEEK_HOLE with its generic answer (all data, one hole at the end).
  * - fuse-native's read/write buffers point into the kernel request and are detached once answered:
  *   read results are copied into them, written data is copied out of them before the handler runs,
  *   so the device may keep what it is given.
  * - `DEBUG=qcow2fuse:fuse` traces every operation with its arguments, answer and latency.
  */
-import createDebug from 'debug';
-import { performance } from 'node:perf_hooks';
-import { errnoName, toFuseErrno } from './errno.js';
 import type { FileStat, FsHandlers, FsStat } from './ops.js';
-
-const trace = createDebug('qcow2fuse:fuse');
+import { createRequestTracker, type TrackerOptions } from './requests.js';
 
 type Done = (code: number) => void;
 type DoneWith<T> = (code: number, value?: T) => void;
@@ -46,14 +45,7 @@ export interface FuseNativeOps {
   chown(path: string, uid: number, gid: number, cb: Done): void;
 }
 
-export interface AdapterOptions {
-  /**
-   * Called for every request answered with an error that the daemon should log: EIO (host I/O
-   * failure, corruption, a bug) and ENOSPC/EDQUOT (host full). Refusals (ENOENT, EROFS, EPERM …) are
-   * answers, not failures, and are only traced.
-   */
-  onError?: (op: string, path: string, err: unknown, errno: string) => void;
-}
+export type AdapterOptions = TrackerOptions;
 
 export interface FuseAdapter {
   ops: FuseNativeOps;
@@ -62,8 +54,6 @@ export interface FuseAdapter {
   /** Resolves once no request is in flight. */
   drained(): Promise<void>;
 }
-
-const REPORTED = new Set(['EIO', 'ENOSPC', 'EDQUOT']);
 
 /**
  * fuse-native turns utimens' timespecs into milliseconds, which maps UTIME_NOW and UTIME_OMIT
@@ -75,59 +65,19 @@ function utimeToDate(ms: number): Date {
 
 /** Build fuse-native operations over `handlers`. */
 export function createFuseAdapter(handlers: FsHandlers, options: AdapterOptions = {}): FuseAdapter {
-  let inFlight = 0;
-  let idle: (() => void)[] = [];
+  const tracker = createRequestTracker(options);
 
   /**
-   * Run `work` for one request and answer it exactly once: `ok(result)` gives the code (and value)
-   * to answer with; a throw or rejection answers the error's -errno.
+   * Run `work` for one request and answer it exactly once through fuse-native's callback: `ok(result)`
+   * gives the code (and value) to answer with; a throw or rejection answers the error's -errno.
    */
   function answer<T, V>(op: string, path: string, detail: () => string, reply: (code: number, value?: V) => void,
     work: () => Promise<T>, ok: (result: T) => [number, V?]): void {
-    let answered = false;
-    const start = trace.enabled ? performance.now() : 0;
-    inFlight++;
-    const finish = (code: number, value: V | undefined, outcome: string) => {
-      if (answered) {
-        trace('BUG: second answer to %s %s dropped (%s)', op, path, outcome);
-        return;
-      }
-      answered = true;
-      if (trace.enabled) trace('%s %s%s → %s (%sms)', op, path, detail(), outcome, (performance.now() - start).toFixed(2));
-      try {
-        if (value === undefined) reply(code);
-        else reply(code, value);
-      } finally {
-        if (--inFlight === 0) {
-          const waiting = idle;
-          idle = [];
-          for (const wake of waiting) wake();
-        }
-      }
-    };
-    const fail = (err: unknown) => {
-      const errno = errnoName(err);
-      if (REPORTED.has(errno)) options.onError?.(op, path, err, errno);
-      finish(toFuseErrno(err), undefined, `${errno}${err instanceof Error ? `: ${err.message}` : ''}`);
-    };
-    let pending: Promise<T>;
-    try {
-      pending = work();
-    } catch (err) {
-      fail(err);
-      return;
-    }
-    pending.then((result) => {
-      let code: number;
-      let value: V | undefined;
-      try {
-        [code, value] = ok(result);
-      } catch (err) {
-        fail(err);
-        return;
-      }
-      finish(code, value, code < 0 ? `${code}` : value === undefined ? `${code}` : describe(value));
-    }, fail);
+    tracker.run(op, 0, () => path, detail, work, (result) => {
+      const [code, value] = ok(result);
+      if (value === undefined) reply(code);
+      else reply(code, value);
+    }, (errno) => reply(-errno));
   }
 
   const none = () => '';
@@ -171,18 +121,5 @@ export function createFuseAdapter(handlers: FsHandlers, options: AdapterOptions 
     chown: refusal('chown'),
   };
 
-  return {
-    ops,
-    inFlight: () => inFlight,
-    drained: () => (inFlight === 0 ? Promise.resolve() : new Promise<void>((resolve) => idle.push(resolve))),
-  };
-}
-
-function describe(value: unknown): string {
-  if (Array.isArray(value)) return `[${value.length} entries]`;
-  if (typeof value === 'object' && value !== null && 'size' in value && 'mode' in value) {
-    const st = value as FileStat;
-    return `mode=0${st.mode.toString(8)} size=${st.size} blocks=${st.blocks}`;
-  }
-  return typeof value === 'number' ? `${value}` : JSON.stringify(value);
+  return { ops, inFlight: () => tracker.inFlight(), drained: () => tracker.drained() };
 }

@@ -223,7 +223,7 @@ export async function unmountMountpoint(req: UnmountRequest): Promise<void> {
   }
   const daemon = state;
   if (entry !== undefined) await fusermountUnmount(mountpoint, false);
-  // The daemon notices the unmount by polling; the signal only saves it the wait.
+  // The daemon notices the unmount itself (its session's reads end; fuse-native polls); the signal only saves it the wait.
   try {
     process.kill(daemon.pid, 'SIGTERM');
   } catch {

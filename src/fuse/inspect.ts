@@ -5,17 +5,22 @@
  * Each file is generated as a stream of text chunks from the live image (the map and the layout are
  * streamed from the driver's async iterables, so a huge image never becomes one giant string). map.json
  * uses the driver's formatter, so it is byte-identical to `qcow2fuse map --output=json`.
- * Opening a file captures the whole stream into a ContentSnapshot: in memory while small, spilled to an
- * unlinked temporary file beyond a limit. Reads on that handle see exactly that snapshot (consistent
- * even while the image changes), and the snapshot's size is what getattr reports, so tools that trust
- * st_size (`cat`, `cp`, `wc -c`, `tail`, `jq`) see the real length without needing direct_io.
+ * A file's content is captured whole into a ContentSnapshot: in memory while small, spilled to an
+ * unlinked temporary file beyond a limit. Reads on a handle see exactly the snapshot it was opened on
+ * (consistent even while the image changes). The InspectionCache keeps the latest snapshot of each
+ * file with the image generation it was made at: getattr and open share it while the image has not
+ * changed and generate a new one when it has, so `ls -l` shows the real size before anyone opens the
+ * file, and tools that trust st_size (`cat`, `cp`, `wc -c`, `tail`, `jq`) read exactly that length.
  */
 import { randomBytes } from 'node:crypto';
+import debugFactory from 'debug';
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { InspectableDevice, LayoutEntry } from '../qcow2/engine/block-device.js';
 import { mapJsonChunks } from '../qcow2/tools/map.js';
+
+const trace = debugFactory('qcow2fuse:fuse:inspect');
 
 /** A generator of one inspection file's text. */
 export type ContentGenerator = (device: InspectableDevice) => AsyncIterable<string>;
@@ -144,5 +149,100 @@ async function writeAll(file: FileHandle, bytes: Buffer, position: number): Prom
   while (done < bytes.length) {
     const { bytesWritten } = await file.write(bytes, done, bytes.length - done, position + done);
     done += bytesWritten;
+  }
+}
+
+interface CacheEntry {
+  name: string;
+  generation: number;
+  capture: Promise<ContentSnapshot>;
+  /** Open handles reading this snapshot. */
+  refs: number;
+  /** Still the newest snapshot of its file (kept for getattr and later opens). */
+  latest: boolean;
+}
+
+/** A snapshot acquired for an open handle; release() when the handle closes. */
+export interface AcquiredContent {
+  snapshot: ContentSnapshot;
+  release(): Promise<void>;
+}
+
+/**
+ * The latest content of each inspection file, per image generation (a counter the caller bumps on
+ * every change). A snapshot is closed once it is neither the latest nor read by an open handle.
+ */
+export class InspectionCache {
+  private readonly entries = new Map<string, CacheEntry>();
+
+  /**
+   * @param beforeGenerate runs before each generation (the mount trims the image to the file size, so
+   *   the content describes the image as it will be left)
+   */
+  constructor(
+    private readonly device: InspectableDevice,
+    private readonly options: CaptureOptions | undefined,
+    private readonly beforeGenerate: () => Promise<void>,
+  ) {}
+
+  /** Size and generation time of `name`'s content at `generation` (generated when needed). */
+  async stat(name: string, generation: number): Promise<{ size: number; at: Date }> {
+    const snapshot = await this.current(name, generation).capture;
+    return { size: snapshot.size, at: snapshot.generatedAt };
+  }
+
+  /** The content of `name` at `generation`, held until release(). */
+  async acquire(name: string, generation: number): Promise<AcquiredContent> {
+    const entry = this.current(name, generation);
+    entry.refs++;
+    let snapshot: ContentSnapshot;
+    try {
+      snapshot = await entry.capture;
+    } catch (err) {
+      entry.refs--;
+      throw err;
+    }
+    let released = false;
+    return {
+      snapshot,
+      release: async () => {
+        if (released) return;
+        released = true;
+        entry.refs--;
+        await this.closeIfUnused(entry);
+      },
+    };
+  }
+
+  /** Close every snapshot no handle reads (the others close with their handles). */
+  async dispose(): Promise<void> {
+    const entries = [...this.entries.values()];
+    this.entries.clear();
+    for (const entry of entries) entry.latest = false;
+    await Promise.all(entries.map((entry) => this.closeIfUnused(entry)));
+  }
+
+  private current(name: string, generation: number): CacheEntry {
+    const cached = this.entries.get(name);
+    if (cached !== undefined && cached.generation === generation) return cached;
+    if (cached !== undefined) {
+      cached.latest = false;
+      this.closeIfUnused(cached).catch((err: unknown) => trace('closing an old %s snapshot failed: %O', name, err));
+    }
+    const generate = INSPECTION_FILES.get(name);
+    if (generate === undefined) throw new Error(`${name} is not an inspection file`);
+    const capture = this.beforeGenerate().then(() => ContentSnapshot.capture(generate(this.device), this.options));
+    const entry: CacheEntry = { name, generation, capture, refs: 0, latest: true };
+    this.entries.set(name, entry);
+    capture.catch(() => {
+      if (this.entries.get(name) === entry) this.entries.delete(name);
+    });
+    return entry;
+  }
+
+  private async closeIfUnused(entry: CacheEntry): Promise<void> {
+    if (entry.refs > 0 || entry.latest) return;
+    const snapshot = await entry.capture.catch(() => undefined);
+    await snapshot?.close();
   }
 }

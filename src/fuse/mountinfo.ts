@@ -1,6 +1,7 @@
 /**
- * The mount table as the kernel shows it (/proc/self/mountinfo, proc(5)). fuse-native does not notice
- * an external `umount`, so the mount lifecycle polls this to learn that its mount is gone.
+ * The mount table as the kernel shows it (/proc/self/mountinfo, proc(5)): the checks before a mount,
+ * the mount's id and bdi once made, and — for fuse-native only, which does not notice an external
+ * `umount` — the poll that learns its mount is gone.
  */
 import { readFile } from 'node:fs/promises';
 

@@ -17,6 +17,11 @@
  *   name=NAME               the raw file's name (default disk.raw)
  *   attr_timeout=SECONDS, entry_timeout=SECONDS   kernel attribute/lookup cache (default 0 / 1)
  *   readahead=SIZE          the kernel's read-ahead on the mount (default 1M; libfuse 2 leaves 128K)
+ *   writeback_cache         the kernel caches small writes and sends them coalesced (session transport
+ *                           only); fsync, close and unmount still write them back to us first
+ *   transport=session|fuse-native   how requests reach us: our own libfuse3 session on the event loop
+ *                           (default; 1 MiB requests, async direct I/O, fallocate, SEEK_DATA/SEEK_HOLE)
+ *                           or fuse-native on libfuse 2 (128 KiB requests, one thread hand-off per request)
  *
  * The options mount(8), mount.fuse3 and systemd add when mounting from fstab (`rw`, `dev`, `suid`,
  * `exec`, `noatime`, `_netdev`, `nofail`, `x-systemd.*`, `comment=` …: MOUNT8_OPTIONS) are accepted and
@@ -34,6 +39,8 @@ import { fsError } from './errno.js';
 export type HostCacheMode = 'writeback' | 'none' | 'writethrough';
 /** How the kernel page cache treats the mounted files (libfuse 2 options of the same names). */
 export type KernelCacheMode = 'direct_io' | 'kernel_cache' | 'default';
+/** How requests reach the daemon (session.ts, fuse-native.ts). */
+export type Transport = 'session' | 'fuse-native';
 
 export interface MountOptions {
   readOnly: boolean;
@@ -57,6 +64,9 @@ export interface MountOptions {
   entryTimeout: number;
   /** Read-ahead of the mount's bdi, bytes (a multiple of 1024). */
   readaheadBytes: number;
+  transport: Transport;
+  /** The kernel's writeback cache (FUSE_CAP_WRITEBACK_CACHE; session transport only). */
+  writebackCache: boolean;
 }
 
 /** What the image is opened with (Qcow2Image.open's options). */
@@ -78,7 +88,7 @@ export const RESERVED_NAMES: readonly string[] = ['info.json', 'map.json', 'layo
  * FUSE round trip; 1 MiB windows made a cold sequential read of a 2 GiB image 1.55× faster here.
  */
 export const DEFAULT_READAHEAD_BYTES = 1024 * 1024;
-/** libfuse 2's largest write request; without big_writes the kernel sends 4 KiB writes (DESIGN §3). */
+/** libfuse 2's largest write request (fuse-native); without big_writes the kernel sends 4 KiB writes (DESIGN §3). */
 export const MAX_WRITE_BYTES = 131072;
 /** fuse-native passes the whole option string in a 1024-byte buffer. */
 const MAX_OPTION_STRING = 1000;
@@ -138,7 +148,8 @@ export function validateRawName(name: string): string {
 export function parseMountOptions(specs: readonly string[]): MountOptions {
   const options: MountOptions = {
     readOnly: false, forceShare: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false,
-    name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1, readaheadBytes: DEFAULT_READAHEAD_BYTES,
+    name: DEFAULT_RAW_NAME, attrTimeout: 0, entryTimeout: 1, readaheadBytes: DEFAULT_READAHEAD_BYTES, transport: 'session',
+    writebackCache: false,
   };
   let directIo = false;
   let kernelCache = false;
@@ -165,6 +176,7 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
         case 'direct_io': directIo = flag(); break;
         case 'kernel_cache': kernelCache = flag(); break;
         case 'allow_other': options.allowOther = flag(); break;
+        case 'writeback_cache': options.writebackCache = flag(); break;
         case 'cache': {
           const mode = required();
           if (mode !== 'writeback' && mode !== 'none' && mode !== 'writethrough') {
@@ -190,11 +202,18 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
           options.readaheadBytes = bytes;
           break;
         }
+        case 'transport': {
+          const transport = required();
+          if (transport !== 'session' && transport !== 'fuse-native') throw invalid(`invalid transport '${transport}' (expected session or fuse-native)`);
+          options.transport = transport;
+          break;
+        }
         default: throw invalid(`unknown mount option '${key}'`);
       }
     }
   }
   if (directIo && kernelCache) throw invalid('mount options direct_io and kernel_cache exclude each other');
+  if (options.writebackCache && options.transport !== 'session') throw invalid('mount option writeback_cache needs transport=session');
   if (options.forceShare && !options.readOnly) throw invalid('mount option force-share needs ro (QEMU: force-share=on can only be used with read-only images)');
   options.kernelCache = directIo ? 'direct_io' : kernelCache ? 'kernel_cache' : options.compress ? 'direct_io' : 'default';
   return options;
@@ -230,4 +249,17 @@ export function libfuseOptions(options: MountOptions, imagePath: string): string
   if (options.kernelCache !== 'default') list.push(options.kernelCache);
   const fsname = `fsname=${escapeOptionValue(imagePath)}`;
   return list.join(',').length + fsname.length + 1 <= MAX_OPTION_STRING ? [...list, fsname] : [...list, 'fsname=qcow2fuse'];
+}
+
+/**
+ * The libfuse 3 mount options of our session for `options` (session.ts): the kernel checks file modes
+ * (default_permissions), the mount shows as type fuse.qcow2fuse with the image path as its source.
+ * Request size, read-ahead and async I/O are negotiated by the session at INIT; timeouts and
+ * direct_io/keep_cache travel in each reply, so none of them is a mount option here.
+ */
+export function libfuse3Options(options: MountOptions, imagePath: string): string[] {
+  const list = ['default_permissions', 'subtype=qcow2fuse', `fsname=${escapeOptionValue(imagePath)}`];
+  if (options.readOnly) list.push('ro');
+  if (options.allowOther) list.push('allow_other');
+  return list;
 }

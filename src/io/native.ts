@@ -1,5 +1,5 @@
 /**
- * Typed wrapper of the native addon (native/addon.c): the only module that loads it.
+ * Typed wrapper of the native addon (native/*.c): the only module that loads it.
  *
  * Every offset and length is a byte count carried as a safe integer (the addon rejects anything
  * else with a RangeError). Syscall failures reject/throw an Error with `code` = errno name
@@ -50,8 +50,45 @@ interface NativeAddon {
   decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void>;
   aioCreate(capacity: number, outSlots: Int32Array, outResults: Float64Array, onComplete: (count: number) => void): AioHandle;
   aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
+  sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
+    writebackCache: boolean): FuseSessionHandle;
+  sessionClose(session: FuseSessionHandle): void;
+  replyErr: (id: number, errno: number) => number;
+  replyNone: (id: number) => void;
+  replyAttr: (id: number, timeout: number, ...stat: StatFields) => number;
+  replyEntry: (id: number, entryTimeout: number, attrTimeout: number, ...stat: StatFields) => number;
+  replyOpen: (id: number, fh: number, directIo: boolean, keepCache: boolean) => number;
+  replyData: (id: number, data: ArrayBufferView, length: number) => number;
+  replyWrite: (id: number, count: number) => number;
+  replyLseek: (id: number, offset: number) => number;
+  replyStatfs: (id: number, ...fields: StatfsFields) => number;
+  replyDirents: (id: number, size: number, offset: number, names: readonly string[], inos: readonly number[], modes: readonly number[]) => number;
+  FUSE_OP: FuseOpCodes;
   FALLOC: { DEFAULT: number; KEEP_SIZE: number; PUNCH_HOLE: number; ZERO_RANGE: number };
   FADVISE: { NORMAL: number; RANDOM: number; SEQUENTIAL: number; WILLNEED: number; DONTNEED: number; NOREUSE: number };
+}
+
+/** A FUSE session of the addon (opaque). */
+export type FuseSessionHandle = { readonly __brand: 'FuseSessionHandle' };
+
+/**
+ * One request from the kernel: op (FUSE_OP), its request id (answer it exactly once with a reply
+ * function), the inode, the file handle (0 when none) and the op's arguments (see FuseSession in
+ * src/fuse/session.ts for what n1, n2, n3 and extra carry per op).
+ */
+export type FuseDispatch = (op: number, id: number, ino: number, fh: number, n1: number, n2: number, n3: number,
+  extra: string | Buffer | number | undefined) => void;
+
+/** ino, mode, nlink, uid, gid, size, blocks, blksize, atimeMs, mtimeMs, ctimeMs. */
+export type StatFields = [number, number, number, number, number, number, number, number, number, number, number];
+/** bsize, frsize, blocks, bfree, bavail, files, ffree, favail, fsid, flag, namemax. */
+export type StatfsFields = [number, number, number, number, number, number, number, number, number, number, number];
+
+export interface FuseOpCodes {
+  LOOKUP: number; GETATTR: number; SETATTR: number; SYMLINK: number; MKNOD: number; MKDIR: number; UNLINK: number;
+  RMDIR: number; RENAME: number; LINK: number; OPEN: number; READ: number; WRITE: number; STATFS: number;
+  RELEASE: number; FSYNC: number; FLUSH: number; OPENDIR: number; READDIR: number; CREATE: number;
+  FALLOCATE: number; LSEEK: number; MAX_WRITE_BYTES: number;
 }
 
 /** A Linux AIO context of the addon (opaque). */
@@ -203,3 +240,24 @@ export function errorCodeOf(error: unknown): string | undefined {
   }
   return undefined;
 }
+
+/**
+ * The FUSE session binding (native/fuse_session.c): libfuse3's low-level API served on this thread's
+ * event loop. Used by src/fuse/session.ts only.
+ */
+export const fuseSession = Object.freeze({
+  mount: (mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
+    writebackCache = false) => addon.sessionMount(mountpoint, args, dispatch, onEvent, writebackCache),
+  close: (session: FuseSessionHandle) => addon.sessionClose(session),
+  replyErr: addon.replyErr,
+  replyNone: addon.replyNone,
+  replyAttr: addon.replyAttr,
+  replyEntry: addon.replyEntry,
+  replyOpen: addon.replyOpen,
+  replyData: addon.replyData,
+  replyWrite: addon.replyWrite,
+  replyLseek: addon.replyLseek,
+  replyStatfs: addon.replyStatfs,
+  replyDirents: addon.replyDirents,
+  OP: Object.freeze({ ...addon.FUSE_OP }),
+});

@@ -15,6 +15,8 @@ import { findAnyTool, requireFuse, requireTools } from '../helpers/tools.js';
 import { checkBuild, cli, daemonPid, memoryMount, memoryMountForeground, testEnv, waitForExit } from './mount-harness.js';
 
 const MiB = 1024 * 1024;
+/** The core lifecycle tests run on both transports; the rest on the default (the session). */
+const TRANSPORTS = ['session', 'fuse-native'] as const;
 const ready = requireFuse() && requireTools('dd', 'cmp', 'cp', 'truncate', 'du', 'stat', 'jq', 'grep', 'wc', 'tail', 'umount', 'flock');
 
 interface Fixture {
@@ -84,10 +86,10 @@ async function unmountWithCli(f: Fixture): Promise<void> {
 describe.skipIf(!ready)('mount over a memory device', () => {
   beforeAll(checkBuild);
 
-  it('returns once live; dd and cp read and write through it; unmount persists everything', async () => {
+  it.each(TRANSPORTS)('[%s] returns once live; dd and cp read and write through it; unmount persists everything', async (transport) => {
     const f = await fixture();
     try {
-      const pid = await mount(f);
+      const pid = await mount(f, [`transport=${transport}`]);
       expect((await readdir(f.mnt)).sort()).toEqual(['check.json', 'disk.raw', 'info.json', 'layout.txt', 'map.json', 'snapshots']);
       await expectSameFile(join(f.mnt, 'disk.raw'), f.model);
       const src = join(f.dir, 'src.raw');
@@ -184,10 +186,11 @@ describe.skipIf(!ready)('mount over a memory device', () => {
     ['SIGINT', async (_f, pid) => { process.kill(pid, 'SIGINT'); }],
   ];
 
-  it.each(endings)('%s ends in a clean close and the daemon exits', async (_name, end) => {
+  it.each(TRANSPORTS.flatMap((transport) => endings.map(([name, end]) => [name, transport, end] as const)))(
+    '%s ends in a clean close and the daemon exits [%s]', async (_name, transport, end) => {
     const f = await fixture(4 * MiB, { QCOW2FUSE_TEST_CLOSE_DELAY_MS: '300' });
     try {
-      const pid = await mount(f);
+      const pid = await mount(f, [`transport=${transport}`]);
       await ddBoth(f, [`if=${f.image}`, 'bs=64k', 'count=5', 'skip=3', 'seek=40', 'conv=notrunc']);
       await end(f, pid);
       await waitForExit(pid);

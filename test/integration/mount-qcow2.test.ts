@@ -237,6 +237,25 @@ describe.skipIf(!ready)('mounting qcow2 images', () => {
     }
   });
 
+  it.each(['cache=writeback', 'cache=none'])(
+    'fio randrw bs 4k-256k, iodepth 32, O_DIRECT, 2 jobs on separate regions, -o %s: no verify error; the image checks clean', async (option) => {
+    const f = await fixture();
+    try {
+      const image = join(f.dir, 'fio256.qcow2');
+      await qemuImgCreate(image, '64M');
+      await mount(f, image, [option]);
+      await ok('fio', ['--name=verify', `--filename=${join(f.mnt, 'disk.raw')}`, '--rw=randrw', '--bsrange=4k-256k', '--ioengine=libaio',
+        '--iodepth=32', '--direct=1', '--numjobs=2', '--size=32M', '--offset_increment=32M', '--verify=crc32c', '--verify_fatal=1',
+        '--do_verify=1', '--verify_state_save=0', '--group_reporting']);
+      const copy = join(f.dir, 'content.raw');
+      await ok('cp', [join(f.mnt, 'disk.raw'), copy]);
+      await unmount(f);
+      await expectCleanAndEqual(image, copy);
+    } finally {
+      await cleanup(f);
+    }
+  });
+
   it('info.json and map.json are what qcow2fuse info/map print; du on disk.raw is the allocated size', async () => {
     const f = await fixture();
     try {

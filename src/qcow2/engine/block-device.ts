@@ -24,6 +24,19 @@ export interface BlockDevice {
   close(): Promise<void>;
 }
 
+/** What lseek(2) SEEK_DATA / SEEK_HOLE look for. */
+export type SeekTarget = 'data' | 'hole';
+
+/** A block device that can tell where its data and its holes are. */
+export interface SeekableDevice extends BlockDevice {
+  /**
+   * The first guest offset ≥ `guestOffset` where `target` starts: data is what `qemu-img map` shows
+   * as "data": true (a backing file's data included), holes are zero or unallocated ranges with
+   * nothing below. Undefined when no data follows; the virtual size when no hole comes before it.
+   */
+  seek(guestOffset: number, target: SeekTarget): Promise<number | undefined>;
+}
+
 /** One extent as `qemu-img map --output=json` prints it. */
 export interface MapExtent {
   start: number;
@@ -71,7 +84,13 @@ export interface SnapshotSummary {
 }
 
 /** A block device that can also describe itself (what the mount's inspection files show). */
-export interface InspectableDevice extends BlockDevice {
+export interface InspectableDevice extends SeekableDevice {
+  /**
+   * Make [guestOffset, +bytes) read as zeros, exactly there (partial clusters at the edges keep the
+   * rest of their bytes); with `unmap`, release the storage where the format allows (a punched hole),
+   * without it keep the range described as zeros. Never lets a backing file show through.
+   */
+  zeroRange(guestOffset: number, bytes: number, unmap: boolean): Promise<void>;
   /** The same object `qemu-img info --output=json` prints. */
   infoJson(): Promise<Record<string, unknown>>;
   /** Extents as `qemu-img map --output=json`, in guest order, streamed. */
@@ -82,5 +101,5 @@ export interface InspectableDevice extends BlockDevice {
   check(): Promise<CheckReport>;
   listSnapshots(): SnapshotSummary[];
   /** A read-only view of an internal snapshot's guest contents. */
-  openSnapshot(name: string): Promise<BlockDevice>;
+  openSnapshot(name: string): Promise<SeekableDevice>;
 }

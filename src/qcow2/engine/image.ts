@@ -941,6 +941,11 @@ export class Qcow2Image implements BlockDevice, BackingReader {
     if (this.cacheMode === 'writethrough') await this.flush();
   }
 
+  /** Link every pending compressed write, so the tables describe all data written (block status, seek). */
+  async settle(): Promise<void> {
+    await this.compressedWriter?.flush();
+  }
+
   // ------------------------------------------------------------- drained sections (snapshot-ops.ts)
 
   /**

@@ -347,6 +347,16 @@ async function blockStatus(ctx: WalkContext, guestOffset: number, bytes: number)
   return entry;
 }
 
+/**
+ * Block status of the image's chain as qemu-img map computes it, from any guest offset: the extent
+ * that starts at `guestOffset` (at most `bytes` long, never 0 bytes before the end). For lseek's
+ * SEEK_DATA/SEEK_HOLE (seek.ts), which walk the chain from an offset instead of from 0.
+ */
+export function blockStatusReader(image: Qcow2Image, options: MapOptions = {}): (guestOffset: number, bytes: number) => Promise<MapEntry> {
+  const ctx: WalkContext = { layers: chainLayers(image, options.topMap), probe: options.probe };
+  return (guestOffset, bytes) => blockStatus(ctx, guestOffset, Math.min(PROBE_LIMIT_BYTES, bytes));
+}
+
 /** qemu-img's entry_mergeable (plus "compressed", which QEMU 8.2 compares too). */
 function mergeable(curr: MapEntry, next: MapEntry): boolean {
   if (curr.length === 0) return false;

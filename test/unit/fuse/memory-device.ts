@@ -7,7 +7,7 @@
  * concurrency) — for assertions about what the FUSE layer did.
  */
 import { CodedError } from '../../../src/io/errors.js';
-import type { BlockDevice, CheckReport, InspectableDevice, LayoutEntry, MapExtent, SnapshotSummary } from '../../../src/qcow2/engine/block-device.js';
+import type { CheckReport, InspectableDevice, LayoutEntry, MapExtent, SeekableDevice, SeekTarget, SnapshotSummary } from '../../../src/qcow2/engine/block-device.js';
 
 export interface MemoryDeviceOptions {
   readOnly?: boolean;
@@ -16,7 +16,7 @@ export interface MemoryDeviceOptions {
   snapshots?: { id: string; name: string; data: Buffer }[];
 }
 
-type Op = 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush' | 'resize' | 'allocatedBytes' | 'close' | 'infoJson' | 'check' | 'openSnapshot';
+type Op = 'read' | 'write' | 'writeZeroes' | 'zeroRange' | 'seek' | 'discard' | 'flush' | 'resize' | 'allocatedBytes' | 'close' | 'infoJson' | 'check' | 'openSnapshot';
 
 export class MemoryDevice implements InspectableDevice {
   /** Backing store; grows geometrically so that growing by many small resizes stays linear. */
@@ -28,7 +28,7 @@ export class MemoryDevice implements InspectableDevice {
   /** Guest cluster indexes that hold data. */
   readonly allocated = new Set<number>();
   readonly calls: Record<Op, number> = {
-    read: 0, write: 0, writeZeroes: 0, discard: 0, flush: 0, resize: 0, allocatedBytes: 0, close: 0, infoJson: 0, check: 0, openSnapshot: 0,
+    read: 0, write: 0, writeZeroes: 0, zeroRange: 0, seek: 0, discard: 0, flush: 0, resize: 0, allocatedBytes: 0, close: 0, infoJson: 0, check: 0, openSnapshot: 0,
   };
   /** Sizes passed to resize(), in order. */
   readonly resizes: number[] = [];
@@ -128,6 +128,28 @@ export class MemoryDevice implements InspectableDevice {
     this.data.fill(0, guestOffset, guestOffset + bytes);
   }
 
+  /** Zeros in the range; with `unmap`, the clusters wholly inside it are no longer allocated. */
+  async zeroRange(guestOffset: number, bytes: number, unmap: boolean): Promise<void> {
+    await this.enter('zeroRange');
+    this.checkWritable();
+    this.checkRange(guestOffset, bytes);
+    this.data.fill(0, guestOffset, guestOffset + bytes);
+    if (!unmap) return;
+    const end = guestOffset + bytes;
+    for (let c = Math.ceil(guestOffset / this.clusterSize); (c + 1) * this.clusterSize <= end || (c * this.clusterSize < end && end === this.size); c++) {
+      this.allocated.delete(c);
+    }
+  }
+
+  /** Data is the allocated clusters, holes the others. */
+  async seek(guestOffset: number, target: SeekTarget): Promise<number | undefined> {
+    await this.enter('seek');
+    for (let c = Math.floor(guestOffset / this.clusterSize); c * this.clusterSize < this.size; c++) {
+      if (this.allocated.has(c) === (target === 'data')) return Math.max(guestOffset, c * this.clusterSize);
+    }
+    return target === 'hole' ? Math.max(guestOffset, this.size) : undefined;
+  }
+
   async discard(guestOffset: number, bytes: number): Promise<void> {
     await this.enter('discard');
     this.checkWritable();
@@ -215,7 +237,7 @@ export class MemoryDevice implements InspectableDevice {
   }
 
   /** `name` is an id or a name, ids first (QEMU's lookup order). */
-  async openSnapshot(name: string): Promise<BlockDevice> {
+  async openSnapshot(name: string): Promise<SeekableDevice> {
     await this.enter('openSnapshot');
     const found = this.snapshotList.find((s) => s.id === name) ?? this.snapshotList.find((s) => s.name === name);
     if (found === undefined) throw new CodedError('ENOENT', `no snapshot '${name}'`);

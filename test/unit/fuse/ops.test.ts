@@ -109,18 +109,19 @@ describe('read and write', () => {
 });
 
 describe('growth and truncation', () => {
-  it('a write past the end grows the file to the write end, rounded up to 512; fsync trims the image to it', async () => {
+  it('a write past the end grows the file to exactly the write end; fsync trims the image to it rounded up to 512', async () => {
     const { device, handlers } = setup(new MemoryDevice(0));
     const fh = await handlers.open('/disk.raw', constants.O_WRONLY);
     expect(await handlers.write('/disk.raw', fh, pattern(1000, 1), 0)).toBe(1000);
-    expect((await handlers.getattr('/disk.raw')).size).toBe(1024);
-    expect(await handlers.write('/disk.raw', fh, pattern(512, 2), 10 * MiB)).toBe(512);
-    expect((await handlers.getattr('/disk.raw')).size).toBe(10 * MiB + 512);
-    expect((await handlers.read('/disk.raw', fh, MiB, 10 * MiB)).length).toBe(512);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(1000);
+    expect(await handlers.write('/disk.raw', fh, pattern(501, 2), 10 * MiB)).toBe(501);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(10 * MiB + 501);
+    expect((await handlers.read('/disk.raw', fh, MiB, 10 * MiB)).length).toBe(501);
     await handlers.fsync('/disk.raw', false, fh);
     expect(device.virtualSize).toBe(10 * MiB + 512);
-    expect(device.data.subarray(1024, 10 * MiB).every((b) => b === 0)).toBe(true);
-    expect(Buffer.compare(device.data.subarray(10 * MiB), pattern(512, 2))).toBe(0);
+    expect(device.data.subarray(1000, 10 * MiB).every((b) => b === 0)).toBe(true);
+    expect(Buffer.compare(device.data.subarray(10 * MiB, 10 * MiB + 501), pattern(501, 2))).toBe(0);
+    expect(device.data.subarray(10 * MiB + 501).every((b) => b === 0)).toBe(true);
   });
 
   it('grows the image ahead, geometrically: a sequential copy resizes it a few times, not per write', async () => {
@@ -165,13 +166,16 @@ describe('growth and truncation', () => {
     expect(device.resizes).toEqual([64 * MiB]);
   });
 
-  it('truncate resizes (shrink frees, grow reads zeros), rounding up to 512', async () => {
+  it('truncate sets the exact size (shrink frees and zeroes the rest of the last sector, grow reads zeros); the image is that size rounded up to 512', async () => {
     const { device, handlers } = setup(new MemoryDevice(pattern(8192, 3)));
     await handlers.truncate('/disk.raw', 1000);
     expect(device.virtualSize).toBe(1024);
-    expect((await handlers.getattr('/disk.raw')).size).toBe(1024);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(1000);
+    expect(device.data.subarray(1000, 1024).every((b) => b === 0)).toBe(true);
     await handlers.truncate('/disk.raw', 4096);
-    expect(device.data.subarray(1024).every((b) => b === 0)).toBe(true);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(4096);
+    expect(Buffer.compare(device.data.subarray(0, 1000), pattern(8192, 3).subarray(0, 1000))).toBe(0);
+    expect(device.data.subarray(1000).every((b) => b === 0)).toBe(true);
     const fh = await handlers.open('/disk.raw', constants.O_RDWR);
     await handlers.ftruncate('/disk.raw', fh, 0);
     expect(device.virtualSize).toBe(0);
@@ -226,6 +230,60 @@ describe('nogrow', () => {
   });
 });
 
+describe('fallocate and lseek rules', () => {
+  const KEEP = 1;
+  const PUNCH = 2;
+  const ZERO = 0x10;
+
+  it('nogrow: growing modes past the end fail EFBIG, in-file ranges work; keep-size modes never grow', async () => {
+    const { device, handlers } = setup(new MemoryDevice(pattern(8192, 5)), { nogrow: true });
+    const fh = await handlers.open('/disk.raw', constants.O_RDWR);
+    expect(await errCode(handlers.fallocate('/disk.raw', fh, 0, 8000, 1000))).toBe('EFBIG');
+    expect(await errCode(handlers.fallocate('/disk.raw', fh, ZERO, 8000, 1000))).toBe('EFBIG');
+    await handlers.fallocate('/disk.raw', fh, ZERO | KEEP, 8000, 1000);
+    await handlers.fallocate('/disk.raw', fh, PUNCH | KEEP, 10, 20);
+    await handlers.fallocate('/disk.raw', fh, 0, 0, 8192);
+    expect(device.virtualSize).toBe(8192);
+    expect(device.calls.resize).toBe(0);
+    const expected = pattern(8192, 5);
+    expected.fill(0, 8000, 8192);
+    expected.fill(0, 10, 30);
+    expect(Buffer.compare(device.data, expected)).toBe(0);
+  });
+
+  it('zeroing calls the device only for the part inside the file; an inactive range changes nothing', async () => {
+    const { device, handlers } = setup(new MemoryDevice(pattern(4096, 6)));
+    const fh = await handlers.open('/disk.raw', constants.O_RDWR);
+    await handlers.fallocate('/disk.raw', fh, PUNCH | KEEP, 5000, 100);
+    expect(device.calls.zeroRange).toBe(0);
+    await handlers.fallocate('/disk.raw', fh, PUNCH | KEEP, 4000, 1000);
+    expect(device.calls.zeroRange).toBe(1);
+    expect(device.data.subarray(4000).every((b) => b === 0)).toBe(true);
+    expect((await handlers.getattr('/disk.raw')).size).toBe(4096);
+  });
+
+  it('lseek: EBADF on an unknown handle, EINVAL for other whence values, ENXIO at and past the end', async () => {
+    const { device, handlers } = setup(new MemoryDevice(4 * 65536));
+    await device.write(2 * 65536, Buffer.alloc(10, 1));
+    const fh = await handlers.open('/disk.raw', constants.O_RDONLY);
+    expect(await handlers.lseek('/disk.raw', fh, 0, 3)).toBe(2 * 65536);
+    expect(await handlers.lseek('/disk.raw', fh, 2 * 65536 + 5, 4)).toBe(3 * 65536);
+    expect(await errCode(handlers.lseek('/disk.raw', fh, 3 * 65536, 3))).toBe('ENXIO');
+    expect(await handlers.lseek('/disk.raw', fh, 3 * 65536, 4)).toBe(3 * 65536);
+    expect(await errCode(handlers.lseek('/disk.raw', fh, 4 * 65536, 4))).toBe('ENXIO');
+    expect(await errCode(handlers.lseek('/disk.raw', fh, 0, 1))).toBe('EINVAL');
+    expect(await errCode(handlers.lseek('/disk.raw', 999, 0, 3))).toBe('EBADF');
+    expect(await errCode(handlers.fallocate('/disk.raw', 999, 0, 0, 1))).toBe('EBADF');
+  });
+
+  it('lseek answers ENOSYS when the kernel caches writes (its dirty pages are invisible to the map)', async () => {
+    const { handlers } = setup(new MemoryDevice(4 * 65536), { kernelWritebackCache: true });
+    const fh = await handlers.open('/disk.raw', constants.O_RDWR);
+    expect(await errCode(handlers.lseek('/disk.raw', fh, 0, 3))).toBe('ENOSYS');
+    expect(await errCode(handlers.lseek('/disk.raw', fh, 0, 4))).toBe('ENOSYS');
+  });
+});
+
 describe('read-only', () => {
   it('refuses every modification with EROFS and shows mode 0444', async () => {
     const { device, handlers } = setup(new MemoryDevice(4096, { readOnly: true }), { readOnly: true });
@@ -241,11 +299,14 @@ describe('read-only', () => {
 });
 
 describe('inspection files', () => {
-  it('generates content at open, reports its size, keeps it per handle', async () => {
-    const { handlers } = setup(new MemoryDevice(4 * MiB));
-    expect((await handlers.getattr('/info.json')).size).toBe(0);
+  it('reports the real size before any open, serves that content at open, keeps it per handle', async () => {
+    const { device, handlers } = setup(new MemoryDevice(4 * MiB));
+    const sizeBefore = (await handlers.getattr('/info.json')).size;
+    expect(sizeBefore).toBeGreaterThan(0);
     const fh1 = await handlers.open('/info.json', constants.O_RDONLY);
+    expect(device.calls.infoJson).toBe(1);
     const size1 = (await handlers.getattr('/info.json')).size;
+    expect(size1).toBe(sizeBefore);
     const text1 = (await handlers.read('/info.json', fh1, 1 << 20, 0)).toString();
     expect(text1.length).toBe(size1);
     expect(JSON.parse(text1)).toMatchObject({ 'virtual-size': 4 * MiB, format: 'qcow2' });
@@ -259,6 +320,25 @@ describe('inspection files', () => {
     expect((await handlers.read('/info.json', fh1, 1 << 20, 0)).toString()).toBe(text1);
     await handlers.release('/info.json', fh1);
     await handlers.release('/info.json', fh2);
+    expect(handlers.openHandles()).toBe(0);
+  });
+
+  it('regenerates for getattr only after the image changed; each open keeps its snapshot; old snapshots close', async () => {
+    const { handlers } = setup(new MemoryDevice(4 * MiB), { capture: { memoryLimitBytes: 10 } });
+    const first = (await handlers.getattr('/map.json')).size;
+    await handlers.getattr('/map.json');
+    const fh1 = await handlers.open('/map.json', constants.O_RDONLY);
+    const text1 = (await handlers.read('/map.json', fh1, 1 << 20, 0)).toString();
+    expect(text1.length).toBe(first);
+    const raw = await handlers.open('/disk.raw', constants.O_RDWR);
+    await handlers.write('/disk.raw', raw, Buffer.alloc(10, 1), 65536);
+    const second = (await handlers.getattr('/map.json')).size;
+    expect(second).toBeGreaterThan(first);
+    const fh2 = await handlers.open('/map.json', constants.O_RDONLY);
+    expect((await handlers.read('/map.json', fh2, 1 << 20, 0)).length).toBe(second);
+    expect((await handlers.read('/map.json', fh1, 1 << 20, 0)).toString()).toBe(text1);
+    for (const fh of [fh1, fh2, raw]) await handlers.release('/map.json', fh);
+    await handlers.dispose();
     expect(handlers.openHandles()).toBe(0);
   });
 

@@ -1,7 +1,7 @@
 /** Mount option parsing and what the options turn into (device open options, libfuse options). */
 import { describe, expect, it } from 'vitest';
 import { parseMountArgs } from '../../../src/cli/commands/mount.js';
-import { deviceOpenOptions, libfuseOptions, parseMountOptions, parseSize } from '../../../src/fuse/options.js';
+import { deviceOpenOptions, libfuse3Options, libfuseOptions, parseMountOptions, parseSize } from '../../../src/fuse/options.js';
 
 const code = (fn: () => unknown) => {
   try {
@@ -30,17 +30,24 @@ describe('parseMountOptions', () => {
   it('has sensible defaults', () => {
     expect(parseMountOptions([])).toEqual({
       readOnly: false, forceShare: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false, name: 'disk.raw', attrTimeout: 0,
-      entryTimeout: 1, readaheadBytes: 1024 * 1024,
+      entryTimeout: 1, readaheadBytes: 1024 * 1024, transport: 'session', writebackCache: false,
     });
   });
 
   it('parses every option, across several -o lists', () => {
     expect(parseMountOptions(['ro,nogrow,cache=none,aio=threads', 'l2-cache-size=4M,refcount-cache-size=1M', 'allow_other,name=sda.img,kernel_cache',
-      'attr_timeout=2.5,entry_timeout=10,readahead=4M,force-share'])).toEqual({
+      'attr_timeout=2.5,entry_timeout=10,readahead=4M,force-share,transport=fuse-native'])).toEqual({
       readOnly: true, forceShare: true, compress: false, nogrow: true, kernelCache: 'kernel_cache', hostCache: 'none', aio: 'threads', l2CacheBytes: 4 * 1024 ** 2,
       refcountCacheBytes: 1024 ** 2, allowOther: true, name: 'sda.img', attrTimeout: 2.5, entryTimeout: 10, readaheadBytes: 4 * 1024 ** 2,
+      transport: 'fuse-native', writebackCache: false,
     });
     expect(parseMountOptions(['ro', 'rw']).readOnly).toBe(false);
+  });
+
+  it('refuses an unknown transport, and writeback_cache on fuse-native', () => {
+    expect(code(() => parseMountOptions(['transport=fuse2']))).toMatch(/^EINVAL: invalid transport 'fuse2'/);
+    expect(parseMountOptions(['writeback_cache']).writebackCache).toBe(true);
+    expect(code(() => parseMountOptions(['writeback_cache,transport=fuse-native']))).toMatch(/^EINVAL: .*needs transport=session/);
   });
 
   it('force-share needs ro (QEMU: force-share=on can only be used with read-only images); the device opens force-shared', () => {
@@ -95,6 +102,12 @@ describe('what the options turn into', () => {
     expect(list).not.toContain('ro');
     expect(libfuseOptions(parseMountOptions(['ro,allow_other,compress']), '/i')).toEqual(expect.arrayContaining(['ro', 'allow_other', 'direct_io']));
     expect(libfuseOptions(parseMountOptions(['kernel_cache']), '/i')).toContain('kernel_cache');
+  });
+
+  it('libfuse 3 options carry only mount options (sizes, timeouts and caching are negotiated or per reply)', () => {
+    expect(libfuse3Options(parseMountOptions([]), '/a,b\\c')).toEqual(['default_permissions', 'subtype=qcow2fuse', 'fsname=/a\\,b\\\\c']);
+    expect(libfuse3Options(parseMountOptions(['ro,allow_other,compress']), '/i')).toEqual(
+      ['default_permissions', 'subtype=qcow2fuse', 'fsname=/i', 'ro', 'allow_other']);
   });
 
   it('escapes commas in the image path and drops an overlong one', () => {

@@ -1,61 +1,15 @@
 /**
- * The native addon through its typed wrapper (src/io/native.ts): aligned memory, O_DIRECT with
- * Node's fs, fallocate modes and errors, fadvise, OFD locks, DIO alignment.
+ * native/file.c through its typed wrapper (src/io/native.ts): fallocate modes and errors, fadvise,
+ * OFD locks, DIO alignment.
  */
 import { spawnSync } from 'node:child_process';
-import {
-  closeSync, constants as fsConstants, fstatSync, fsyncSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync, writeSync,
-} from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, constants as fsConstants, fstatSync, fsyncSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import {
-  alignedBuffer, bufferAddressAlignment, dioAlignment, FADVISE, fadvise, FALLOC, fallocate, ofdGetLock, ofdSetLock,
-} from '../../../src/io/native.js';
-
-const MiB = 1024 * 1024;
-
-/** Under CI a missing tool fails the test; elsewhere the test is skipped with a loud warning. */
-function haveTool(name: string): boolean {
-  const found = spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
-  if (!found) {
-    if (process.env.CI === 'true') {
-      throw new Error(`required tool '${name}' is missing (CI=true: failing instead of skipping)`);
-    }
-    console.warn(`SKIPPING tests that need '${name}': not installed`);
-  }
-  return found;
-}
-
-/** A temp directory on a filesystem that accepts O_DIRECT (tmpfs may refuse it). */
-function makeDirectIoDir(): string {
-  for (const base of ['/var/tmp', '/work', tmpdir()]) {
-    let dir: string | undefined;
-    try {
-      dir = mkdtempSync(join(base, 'qcow2fuse-native-'));
-      const probe = join(dir, 'probe');
-      const fd = openSync(probe, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_DIRECT, 0o644);
-      try {
-        writeSync(fd, alignedBuffer(4096, 4096), 0, 4096, 0);
-      } finally {
-        closeSync(fd);
-      }
-      return dir;
-    } catch {
-      if (dir !== undefined) {
-        rmSync(dir, { recursive: true, force: true });
-      }
-    }
-  }
-  throw new Error('no directory supporting O_DIRECT found');
-}
-
-function expectCode(error: unknown, code: string): void {
-  expect(error).toBeInstanceOf(Error);
-  expect((error as { code?: unknown }).code).toBe(code);
-}
+import { dioAlignment, FADVISE, fadvise, FALLOC, fallocate, ofdGetLock, ofdSetLock } from '../../../src/io/native.js';
+import { expectCode, haveTool, makeDirectIoDir, MiB } from './helpers.js';
 
 let dir: string;
 
@@ -67,93 +21,6 @@ afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-describe('alignedBuffer', () => {
-  it('returns zero-filled buffers aligned as requested', () => {
-    for (const alignment of [8, 512, 4096, 65536, 2 * MiB]) {
-      const buf = alignedBuffer(3 * 4096 + 17, alignment);
-      expect(buf.length).toBe(3 * 4096 + 17);
-      expect(bufferAddressAlignment(buf)).toBeGreaterThanOrEqual(alignment);
-      expect(buf.every((byte) => byte === 0)).toBe(true);
-    }
-  });
-
-  it('supports zero-length buffers', () => {
-    expect(alignedBuffer(0, 4096).length).toBe(0);
-  });
-
-  it('rejects bad alignments and sizes', () => {
-    expect(() => alignedBuffer(4096, 3000)).toThrow(RangeError);
-    expect(() => alignedBuffer(4096, 4)).toThrow(RangeError);
-    expect(() => alignedBuffer(-1, 4096)).toThrow(RangeError);
-    expect(() => alignedBuffer(1.5, 4096)).toThrow(RangeError);
-  });
-
-  it('frees memory when buffers are collected', async () => {
-    const before = process.memoryUsage().rss;
-    for (let i = 0; i < 3000; i++) {
-      const buf = alignedBuffer(MiB, 4096);
-      buf[0] = 1;
-      if (i % 16 === 0) {
-        // Node runs native finalizers from the event loop, so let it turn as real I/O code does.
-        await new Promise((resolve) => setImmediate(resolve));
-      }
-    }
-    // 3 GiB allocated in total; the finalizer and external-memory accounting keep RSS bounded.
-    expect(process.memoryUsage().rss - before).toBeLessThan(512 * MiB);
-  });
-});
-
-describe('bufferAddressAlignment', () => {
-  it('reports the alignment of views and subarrays', () => {
-    const buf = alignedBuffer(8192, 4096);
-    expect(bufferAddressAlignment(buf.subarray(4096))).toBeGreaterThanOrEqual(4096);
-    expect(bufferAddressAlignment(buf.subarray(512))).toBe(512);
-    expect(bufferAddressAlignment(buf.subarray(1))).toBe(1);
-    expect(bufferAddressAlignment(new Uint32Array(buf.buffer, buf.byteOffset + 8, 4))).toBe(8);
-    expect(bufferAddressAlignment(new DataView(buf.buffer, buf.byteOffset + 2048, 16))).toBe(2048);
-  });
-
-  it('rejects non-views', () => {
-    expect(() => bufferAddressAlignment('nope' as unknown as Uint8Array)).toThrow(TypeError);
-  });
-});
-
-describe('O_DIRECT through Node fs', () => {
-  it('works with aligned buffers and fails EINVAL with a plain unaligned Buffer', () => {
-    const path = join(dir, 'direct.bin');
-    const fd = openSync(path, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_DIRECT, 0o644);
-    try {
-      const alignment = dioAlignment(fd);
-      const out = alignedBuffer(MiB, 4096);
-      for (let i = 0; i < out.length; i++) {
-        out[i] = (i * 7) % 251;
-      }
-      expect(writeSync(fd, out, 0, out.length, 0)).toBe(MiB);
-      const back = alignedBuffer(MiB, 4096);
-      expect(readSync(fd, back, 0, back.length, 0)).toBe(MiB);
-      expect(back.equals(out)).toBe(true);
-
-      const plain = Buffer.allocUnsafeSlow(MiB);
-      plain.set(out);
-      if (bufferAddressAlignment(plain) < alignment.memAlign) {
-        let failure: unknown;
-        try {
-          writeSync(fd, plain, 0, plain.length, 0);
-        } catch (error) {
-          failure = error;
-        }
-        expectCode(failure, 'EINVAL');
-      } else {
-        console.warn(`plain Buffer happened to be ${bufferAddressAlignment(plain)}-aligned; EINVAL case not exercised`);
-      }
-      if (alignment.offsetAlign > 1) {
-        expect(() => writeSync(fd, out, 0, 4096, 1)).toThrow(expect.objectContaining({ code: 'EINVAL' }) as Error);
-      }
-    } finally {
-      closeSync(fd);
-    }
-  });
-});
 
 describe('dioAlignment', () => {
   it('reads STATX_DIOALIGN for a regular file on a block filesystem', () => {
