@@ -16,3 +16,8 @@ export { mapEntries, mapExtents, mapEntryJson, mapJsonChunks, type MapEntry, typ
 export { findSnapshot, listSnapshots, openSnapshotView, SnapshotView, type SnapshotRef, type SnapshotViewOptions } from './qcow2/engine/snapshot.js';
 export { createSnapshot, deleteSnapshot, applySnapshot } from './qcow2/tools/snapshot-ops.js';
 export { nodeHostAllocationProbe, type HostAllocationProbe, type HostExtent } from './io/host-allocation.js';
+export {
+  convertImage, convertFiles, openConvertSource, openConvertSink, ConvertError, ProgressReporter,
+  type ConvertOptions, type ConvertResult, type ConvertFilesOptions, type ConvertSource, type ConvertSink, type ConvertCacheMode, type ImageFormat,
+} from './convert/index.js';
+

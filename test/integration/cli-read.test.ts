@@ -142,7 +142,7 @@ describe.skipIf(!ready)('CLI read commands (dist build)', () => {
     const cases: [string[], RegExp][] = [
       [['info', 'missing.qcow2'], /ENOENT/],
       [['map', '--output=json', 'junk.qcow2'], /not a qcow2 image.*\[EBADMAGIC\]/],
-      [['convert', '-O', 'raw', 'junk.qcow2', 'out.raw'], /\[EBADMAGIC\]/],
+      [['convert', '-f', 'qcow2', '-O', 'raw', 'junk.qcow2', 'out.raw'], /\[EBADMAGIC\]/],
       [['convert', '-c', '-O', 'raw', 'ok.qcow2', 'out.raw'], /Compression not supported/],
       [['convert', '-O', 'vmdk', 'ok.qcow2', 'out.raw'], /raw or qcow2/],
       [['convert', '-l', 'nope', '-O', 'raw', 'ok.qcow2', 'out.raw'], /no snapshot.*\[ENOENT\]/],

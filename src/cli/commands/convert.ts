@@ -1,288 +1,126 @@
 /**
- * `qcow2fuse convert [-p] [-q] [-c] [-f qcow2] [-l SNAPSHOT] -O raw|qcow2 [-o OPTIONS] SRC DST` —
- * qemu-img convert: copy the guest contents of SRC (its active layer, or an internal snapshot with
- * -l) into DST.
- *
- * -O raw: DST is created (truncated) with the virtual size and only non-zero data is written, so it
- *   is as sparse as qemu-img's: ranges the mapping says read as zeros are never read, and all-zero
- *   4 KiB blocks of data are skipped (qemu-img's default -S 4k). DST '-' streams every byte to stdout.
- * -O qcow2: DST is formatted (`-o` takes `create`'s options) and written through the driver; with -c
- *   every cluster goes through the compressed writer.
- * Reads run ahead of writes (several windows in flight, compressed clusters decompressed in
- * parallel on the threadpool). -p shows qemu-img's progress line on stderr.
+ * `qcow2fuse convert` — qemu-img convert: parse the arguments, print progress and errors; the copy
+ * itself is library code (src/convert: convertFiles). SOURCE is a qcow2 image (with its backing
+ * chain, or an internal snapshot with -l), a raw file, a block device, or '-' (a pipe: its size is
+ * what arrives; `-o size=SIZE` makes a shorter or longer stream an error). DEST '-' is stdout (raw).
  */
-import { open, type FileHandle } from 'node:fs/promises';
-import { nodeHostAllocationProbe, type HostAllocationProbe } from '../../io/host-allocation.js';
-import { Qcow2Image } from '../../qcow2/engine/image.js';
-import { mapEntries } from '../../qcow2/tools/map.js';
-import { openSnapshotView, type SnapshotRef } from '../../qcow2/engine/snapshot.js';
-import type { ClusterMap } from '../../qcow2/engine/cluster-map.js';
-import { parseArgs } from '../args.js';
-import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
+import { parseArgs, parseSize } from '../args.js';
 import { parseCreateArgs } from './create.js';
-import { commandError, progressText, trace, writeOut } from '../output.js';
-import { createImage, type CreateOptions, openImage } from '../../node.js';
+import { commandError, trace } from '../output.js';
+import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
+import { convertFiles, type ConvertFilesOptions } from '../../convert/convert-files.js';
+import { ProgressReporter } from '../../convert/progress.js';
+import type { ConvertCacheMode } from '../../convert/sink.js';
+import type { ImageFormat } from '../../convert/source.js';
+import type { CacheMode } from '../../qcow2/engine/image.js';
+import type { SnapshotRef } from '../../qcow2/engine/snapshot.js';
 
-export const summary = 'copy an image (or one of its snapshots) to raw or qcow2 (qemu-img convert)';
+export const summary = 'copy an image, raw file, block device or pipe to raw or (compressed) qcow2 (qemu-img convert)';
 
-const USAGE = `usage: qcow2fuse convert [-p] [-q] [-c] [-U] [-f qcow2] [-t CACHE] [-l SNAPSHOT] -O raw|qcow2 [-o OPTIONS] SOURCE DEST
-  -O raw|qcow2   output format (DEST '-' writes raw to stdout)
-  -t CACHE       raw output: unsafe (default, as qemu-img: no sync) or writeback (synced before exit)
-  -c             compress the clusters of a qcow2 output
+const USAGE = `usage: qcow2fuse convert [-U] [-f raw|qcow2] [-O raw|qcow2] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-B BACKING [-F FMT]] [-n] [-m JOBS] [-t CACHE] [-T SRC_CACHE] [-l SNAPSHOT] SOURCE DEST
+  SOURCE         a qcow2 image, a raw file, a block device, or '-' (stdin, e.g. a pipe)
+  DEST           the output ('-' writes raw to stdout)
+  -f FMT         source format (default: probed — qcow2 magic, else raw)
+  -O FMT         output format, raw (default) or qcow2
+  -o OPTIONS     qcow2 output options, as for 'create' (cluster_size, compat, compression_type, extended_l2, …);
+                 for SOURCE '-', size=SIZE is the size the stream must have
+  -c             compress the clusters of a qcow2 output (on every core)
+  -S SIZE        zero runs of at least SIZE bytes are left unallocated (default 4k; 0 writes everything)
+  -B BACKING     make DEST a qcow2 image over BACKING: only what differs from it is written (-F its format)
+  -n             DEST exists: write into it, do not create it
+  -m JOBS        windows of 8 MiB in flight, reads and writes (1–16, default 8)
+  -t CACHE       DEST cache: unsafe (default: no sync), writeback, writethrough, none, directsync
+  -T CACHE       SOURCE cache: writeback (default), none (O_DIRECT), writethrough
   -l SNAPSHOT    read the internal snapshot SNAPSHOT (id or name; or snapshot.id=ID / snapshot.name=NAME)
-  -o OPTIONS     qcow2 output options, as for 'create' (cluster_size, compat, compression_type, …)
-  -p             show progress (on stderr)
+  -p             show progress on stderr (percent, MB/s, time left)
+  -q             quiet
 ${FORCE_SHARE_USAGE} (the source)
 `;
 
-/**
- * Guest bytes per read request; windows start at multiples of this (a multiple of every cluster
- * size). A window of compressed clusters is decompressed in parallel.
- */
-const WINDOW_BYTES = 8 * 1024 * 1024;
-/** Read requests in flight ahead of the writer. */
-const READ_AHEAD = 4;
-/** Windows being written at once (file outputs). */
-const WRITE_AHEAD = 4;
-/** Granularity of the zero detection in data (qemu-img convert's default min_sparse). */
-const SPARSE_BYTES = 4096;
+const VALUE_FLAGS = ['-O', '-f', '-l', '-o', '-t', '-T', '-S', '-B', '-F', '-m'];
+const BOOL_FLAGS = ['-p', '-q', '-c', '-n', ...FORCE_SHARE_FLAGS, '-h', '--help'];
+const DEST_CACHES: ConvertCacheMode[] = ['unsafe', 'writeback', 'writethrough', 'none', 'directsync'];
+const SOURCE_CACHES: CacheMode[] = ['writeback', 'writethrough', 'none'];
 
 export interface ConvertArgs {
   source: string;
   dest: string;
-  outputFormat: 'raw' | 'qcow2';
-  compress: boolean;
   progress: boolean;
-  snapshot?: SnapshotRef;
-  createOptions: CreateOptions;
-  /** Make a raw DEST durable before exiting (-t writeback); qemu-img's default is unsafe (no sync). */
-  sync: boolean;
-  /** Read SOURCE even while another process writes it (-U). */
-  forceShare: boolean;
+  /** For convertFiles (everything but the callbacks). */
+  options: ConvertFilesOptions;
+}
+
+function imageFormat(flag: string, value: string | undefined): ImageFormat | undefined {
+  if (value === undefined) return undefined;
+  if (value !== 'raw' && value !== 'qcow2') throw new Error(`${flag}: format must be raw or qcow2, got '${value}'`);
+  return value;
+}
+
+function snapshotRef(l: string): SnapshotRef {
+  if (l.startsWith('snapshot.id=')) return { id: l.slice('snapshot.id='.length) };
+  if (l.startsWith('snapshot.name=')) return { name: l.slice('snapshot.name='.length) };
+  return l;
+}
+
+function oneOf<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
+  if (!(allowed as readonly string[]).includes(value)) throw new Error(`${flag}: invalid cache mode '${value}' (${allowed.join(', ')})`);
+  return value as T;
+}
+
+/** -S: qemu-img's rule (multiples of 512 up to 16 MiB, 0 = no sparse detection). */
+function sparseSize(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes % 512 !== 0 || bytes > 16 * 1024 * 1024) {
+    throw new Error('Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).');
+  }
+  return bytes;
+}
+
+/** The flags that shape the copy (everything except formats and paths). */
+function copyOptions(flags: Map<string, string>): ConvertFilesOptions {
+  const o: ConvertFilesOptions = {};
+  if (flags.has('-l')) o.snapshot = snapshotRef(flags.get('-l')!);
+  if (flags.has('-S')) o.minSparseBytes = sparseSize(flags.get('-S')!);
+  if (flags.has('-t')) o.cache = oneOf('-t', flags.get('-t')!, DEST_CACHES);
+  if (flags.has('-T')) o.sourceCache = oneOf('-T', flags.get('-T')!, SOURCE_CACHES);
+  if (flags.has('-m')) {
+    const jobs = Number(flags.get('-m'));
+    if (!Number.isInteger(jobs) || jobs < 1 || jobs > 16) throw new Error('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
+    o.jobs = jobs;
+  }
+  if (flags.has('-B')) o.backingFile = flags.get('-B')!;
+  const backingFormat = imageFormat('-F', flags.get('-F'));
+  if (backingFormat) {
+    if (!flags.has('-B')) throw new Error('-F needs -B');
+    o.backingFormat = backingFormat;
+  }
+  if (flags.has('-n')) o.noCreate = true;
+  if (flags.has('-c')) o.compress = true;
+  if (forceShareOf(flags)) o.forceShare = true;
+  return o;
 }
 
 /** Parse qemu-img convert's arguments; throws with a message (and code 'USAGE' for --help). */
 export function parseConvertArgs(argv: string[]): ConvertArgs {
-  const { flags, positional } = parseArgs(argv, ['-O', '-f', '-l', '-o', '-t'], ['-p', '-q', '-c', ...FORCE_SHARE_FLAGS, '-h', '--help']);
+  const { flags, positional } = parseArgs(argv, VALUE_FLAGS, BOOL_FLAGS);
   if (flags.has('-h') || flags.has('--help')) throw Object.assign(new Error(USAGE), { code: 'USAGE' });
-  const format = flags.get('-f') ?? 'qcow2';
-  if (format !== 'qcow2') throw new Error(`only qcow2 sources are supported (got -f ${format})`);
-  const outputFormat = flags.get('-O') ?? 'raw';
-  if (outputFormat !== 'raw' && outputFormat !== 'qcow2') throw new Error(`output format must be raw or qcow2, got '${outputFormat}'`);
   if (positional.length !== 2) throw new Error('expected SOURCE and DEST');
   const [source, dest] = positional as [string, string];
-  const compress = flags.has('-c');
-  if (compress && outputFormat === 'raw') throw new Error('Compression not supported for this file format');
+  const outputFormat = imageFormat('-O', flags.get('-O')) ?? 'raw';
+  const options: ConvertFilesOptions = { ...copyOptions(flags), outputFormat };
+  const sourceFormat = imageFormat('-f', flags.get('-f'));
+  if (sourceFormat) options.sourceFormat = sourceFormat;
+  if (options.compress && outputFormat === 'raw') throw new Error('Compression not supported for this file format');
   if (dest === '-' && outputFormat !== 'raw') throw new Error("DEST '-' (stdout) needs -O raw");
-  let createOptions: CreateOptions = {};
   if (flags.has('-o')) {
-    if (outputFormat !== 'qcow2') throw new Error('-o options are only for -O qcow2');
-    createOptions = parseCreateArgs(['-o', flags.get('-o')!, dest]).options;
+    const { options: createOptions } = parseCreateArgs(['-o', flags.get('-o')!, dest]);
+    if (outputFormat !== 'qcow2' && Object.keys(createOptions).some((k) => k !== 'virtualSize')) throw new Error('-o options are only for -O qcow2 (except size)');
+    // qemu-img takes the size from the source; for a stream it is the size the stream must have.
+    if (createOptions.virtualSize !== undefined && source === '-') options.expectedBytes = createOptions.virtualSize;
+    delete createOptions.virtualSize;
+    options.createOptions = createOptions;
   }
-  let snapshot: SnapshotRef | undefined;
-  const l = flags.get('-l');
-  if (l !== undefined) {
-    if (l.startsWith('snapshot.id=')) snapshot = { id: l.slice('snapshot.id='.length) };
-    else if (l.startsWith('snapshot.name=')) snapshot = { name: l.slice('snapshot.name='.length) };
-    else snapshot = l;
-  }
-  const cache = flags.get('-t') ?? 'unsafe';
-  if (cache !== 'unsafe' && cache !== 'writeback') throw new Error(`cache mode must be unsafe or writeback, got '${cache}'`);
-  const progress = flags.has('-p') && !flags.has('-q');
-  return { source, dest, outputFormat, compress, progress, createOptions, sync: cache === 'writeback', forceShare: forceShareOf(flags), ...(snapshot !== undefined ? { snapshot } : {}) };
-}
-
-/** Where guest bytes come from: the active layer or a snapshot view. */
-interface Source {
-  image: Qcow2Image;
-  virtualSize: number;
-  topMap?: ClusterMap;
-  readInto(guestOffset: number, buf: Buffer): Promise<void>;
-}
-
-/** One window of guest bytes: `data` is undefined when the mapping says it reads as zeros. */
-interface Chunk {
-  guestOffset: number;
-  bytes: number;
-  data?: Buffer;
-}
-
-interface Sink {
-  /** Chunks must be written one after another, in guest order (a stream). */
-  ordered: boolean;
-  write(chunk: Chunk): Promise<void>;
-  close(): Promise<void>;
-}
-
-/**
- * Windows of the source in guest order, each wholly zero or to be read. Zero is what qemu-img's
- * block status says: by mapping, and host holes under preallocated clusters (so, like qemu-img, we
- * never read those: reading unwritten extents would even turn them into "data" for SEEK_DATA).
- */
-async function* plan(source: Source, probe: HostAllocationProbe): AsyncGenerator<{ guestOffset: number; bytes: number; zero: boolean }> {
-  let pending: { guestOffset: number; bytes: number; zero: boolean } | undefined;
-  for await (const entry of mapEntries(source.image, { probe, ...(source.topMap ? { topMap: source.topMap } : {}) })) {
-    let pos = entry.start;
-    const end = entry.start + entry.length;
-    while (pos < end) {
-      const windowEnd = Math.min(end, pos - (pos % WINDOW_BYTES) + WINDOW_BYTES);
-      const zero = entry.zero;
-      // Neighbouring extents of the same kind share a window (compressed runs, small data extents).
-      if (pending && pending.zero === zero && pending.guestOffset + pending.bytes === pos && Math.floor(pending.guestOffset / WINDOW_BYTES) === Math.floor(pos / WINDOW_BYTES)) {
-        pending.bytes += windowEnd - pos;
-      } else {
-        if (pending) yield pending;
-        pending = { guestOffset: pos, bytes: windowEnd - pos, zero };
-      }
-      pos = windowEnd;
-    }
-  }
-  if (pending && pending.bytes > 0) yield pending;
-}
-
-/** The non-zero runs of `data` at SPARSE_BYTES granularity (relative offsets), for sparse writes. */
-function nonZeroRuns(data: Buffer, granularity: number): [number, number][] {
-  const zero = zeroBlock(granularity);
-  const runs: [number, number][] = [];
-  let runStart = -1;
-  for (let pos = 0; pos < data.length; pos += granularity) {
-    const end = Math.min(data.length, pos + granularity);
-    const isZero = zero.compare(data, pos, end, 0, end - pos) === 0;
-    if (!isZero && runStart < 0) runStart = pos;
-    if (isZero && runStart >= 0) {
-      runs.push([runStart, pos]);
-      runStart = -1;
-    }
-  }
-  if (runStart >= 0) runs.push([runStart, data.length]);
-  return runs;
-}
-
-const zeroBlocks = new Map<number, Buffer>();
-
-function zeroBlock(bytes: number): Buffer {
-  let b = zeroBlocks.get(bytes);
-  if (!b) {
-    b = Buffer.alloc(bytes);
-    zeroBlocks.set(bytes, b);
-  }
-  return b;
-}
-
-/** A raw file: created with the full size, only non-zero data written; synced at the end when `sync`. */
-async function rawFileSink(path: string, virtualSize: number, sync: boolean): Promise<Sink> {
-  const handle: FileHandle = await open(path, 'w');
-  try {
-    if ((await handle.stat()).isFile()) await handle.truncate(virtualSize);
-  } catch (err) {
-    await handle.close();
-    throw err;
-  }
-  return {
-    ordered: false,
-    async write(chunk) {
-      if (!chunk.data) return;
-      for (const [start, end] of nonZeroRuns(chunk.data, SPARSE_BYTES)) {
-        let done = start;
-        while (done < end) {
-          const { bytesWritten } = await handle.write(chunk.data, done, end - done, chunk.guestOffset + done);
-          done += bytesWritten;
-        }
-      }
-    },
-    async close() {
-      try {
-        if (sync) await handle.datasync();
-      } finally {
-        await handle.close();
-      }
-    },
-  };
-}
-
-/** stdout: every byte, in order. */
-function stdoutSink(): Sink {
-  return {
-    ordered: true,
-    async write(chunk) {
-      if (chunk.data) {
-        await writeOut(chunk.data);
-        return;
-      }
-      const zero = zeroBlock(WINDOW_BYTES);
-      for (let done = 0; done < chunk.bytes; done += zero.length) await writeOut(zero.subarray(0, Math.min(zero.length, chunk.bytes - done)));
-    },
-    async close() {},
-  };
-}
-
-/** A new qcow2 image: all-zero clusters stay unallocated, the rest is written (compressed with -c). */
-async function qcow2Sink(path: string, virtualSize: number, options: CreateOptions, compress: boolean): Promise<Sink> {
-  await createImage(path, { ...options, virtualSize });
-  const image = await openImage(path, { readOnly: false, compress });
-  const clusterBytes = image.geometry.clusterSize;
-  return {
-    ordered: false,
-    async write(chunk) {
-      if (!chunk.data) return;
-      // Runs start where the source's extents do, not always on a cluster of ours: the driver completes partial clusters.
-      await Promise.all(nonZeroRuns(chunk.data, clusterBytes).map(([start, end]) => image.write(chunk.guestOffset + start, chunk.data!.subarray(start, end))));
-    },
-    async close() {
-      await image.close();
-    },
-  };
-}
-
-/**
- * Copy every window of `source` into `sink`: reads run READ_AHEAD windows ahead; an unordered sink
- * (a file) also gets up to WRITE_AHEAD windows written at once, so a stalled write does not stall reads.
- */
-async function copy(source: Source, sink: Sink, probe: HostAllocationProbe, onProgress: (doneBytes: number) => void): Promise<void> {
-  const freeWindows: Buffer[] = [];
-  const reading: { chunk: Promise<Chunk>; window?: Buffer }[] = [];
-  const writing = new Set<Promise<void>>();
-  let failure: { error: unknown } | undefined;
-  let doneBytes = 0;
-  const written = (c: Chunk, window: Buffer | undefined): void => {
-    if (window) freeWindows.push(window);
-    doneBytes += c.bytes;
-    onProgress(doneBytes);
-  };
-  const drainOne = async (): Promise<void> => {
-    const { chunk, window } = reading.shift()!;
-    const c = await chunk;
-    if (sink.ordered) {
-      await sink.write(c);
-      written(c, window);
-      return;
-    }
-    const w = sink.write(c).then(() => written(c, window), (error: unknown) => { failure ??= { error }; });
-    writing.add(w);
-    void w.finally(() => writing.delete(w));
-    while (writing.size >= WRITE_AHEAD) await Promise.race(writing);
-    if (failure) throw failure.error;
-  };
-  try {
-    for await (const w of plan(source, probe)) {
-      if (w.zero) {
-        reading.push({ chunk: Promise.resolve({ guestOffset: w.guestOffset, bytes: w.bytes }) });
-      } else {
-        const window = freeWindows.pop() ?? Buffer.allocUnsafe(WINDOW_BYTES);
-        const data = window.subarray(0, w.bytes);
-        const chunk = source.readInto(w.guestOffset, data).then(() => ({ guestOffset: w.guestOffset, bytes: w.bytes, data }));
-        chunk.catch(() => undefined); // observed when drained; a failure must not be an unhandled rejection meanwhile
-        reading.push({ chunk, window });
-      }
-      if (reading.length >= READ_AHEAD) await drainOne();
-    }
-    while (reading.length > 0) await drainOne();
-    await Promise.all(writing);
-    if (failure) throw failure.error;
-  } finally {
-    // Settle I/O still in flight after a failure before the image and the output are closed under it.
-    await Promise.allSettled([...reading.map((r) => r.chunk), ...writing]);
-  }
+  return { source, dest, progress: flags.has('-p') && !flags.has('-q'), options };
 }
 
 export async function run(argv: string[]): Promise<number> {
@@ -297,45 +135,19 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write(`qcow2fuse convert: ${commandError(err)}\n${USAGE}`);
     return 1;
   }
+  const progress = args.progress ? new ProgressReporter({ tty: process.stderr.isTTY === true, write: (t) => process.stderr.write(t) }) : undefined;
   try {
-    warnIfForceShared('convert', args.source, args.forceShare);
-    const image = await openImage(args.source, { readOnly: true, forceShare: args.forceShare });
-    try {
-      let source: Source;
-      if (args.snapshot !== undefined) {
-        // As qemu-img convert -l: the snapshot's tables, the image's current size.
-        const view = await openSnapshotView(image, args.snapshot, { virtualSizeBytes: image.virtualSize });
-        source = { image, virtualSize: view.virtualSize, topMap: view.map, readInto: (o, b) => view.readInto(o, b) };
-      } else {
-        source = { image, virtualSize: image.virtualSize, readInto: (o, b) => image.readInto(o, b) };
-      }
-      trace('convert %s → %s (%s%s), %d bytes', args.source, args.dest, args.outputFormat, args.compress ? ', compressed' : '', source.virtualSize);
-      const sink = args.dest === '-' ? stdoutSink()
-        : args.outputFormat === 'raw' ? await rawFileSink(args.dest, source.virtualSize, args.sync)
-          : await qcow2Sink(args.dest, source.virtualSize, args.createOptions, args.compress);
-      let shownPercent = -1;
-      const showProgress = (doneBytes: number): void => {
-        if (!args.progress) return;
-        const percent = source.virtualSize === 0 ? 100 : Math.floor((doneBytes / source.virtualSize) * 100);
-        if (percent === shownPercent) return;
-        shownPercent = percent;
-        process.stderr.write(progressText(source.virtualSize === 0 ? 1 : doneBytes / source.virtualSize));
-      };
-      showProgress(0);
-      const probe = nodeHostAllocationProbe();
-      try {
-        await copy(source, sink, probe, showProgress);
-      } finally {
-        probe.close();
-        await sink.close();
-      }
-      showProgress(source.virtualSize);
-      if (args.progress) process.stderr.write('\n');
-    } finally {
-      await image.close();
-    }
+    trace('convert %s → %s (%o)', args.source, args.dest, args.options);
+    if (args.source !== '-') warnIfForceShared('convert', args.source, args.options.forceShare ?? false);
+    const result = await convertFiles(args.source, args.dest, {
+      ...args.options,
+      onWarning: (message) => process.stderr.write(`qcow2fuse convert: warning: ${message}\n`),
+      ...(progress ? { onProgress: (done: number, total: number | undefined) => progress.update(done, total) } : {}),
+    });
+    progress?.finish(result.sourceBytes);
     return 0;
   } catch (err) {
+    if (progress) process.stderr.write('\n');
     process.stderr.write(`qcow2fuse convert: ${commandError(err)}\n`);
     return 1;
   }

@@ -133,6 +133,8 @@ interface InflightOp {
   clusterIndex: number;
   /** The cluster's plaintext being stored (immutable once in flight). */
   plain: Buffer;
+  /** A read overlay references `plain`: it is not reused for another cluster. */
+  shared?: boolean;
 }
 
 const ZERO_CACHE = new Map<number, Buffer>();
@@ -163,6 +165,13 @@ export class CompressedWriter {
   private readonly closedWrites = new Set<Promise<void>>();
   private changeWaiters: (() => void)[] = [];
   private failure: unknown;
+  /**
+   * Buffers reused instead of allocated per cluster (allocation and its GC cost more than the
+   * compression of a zstd cluster): plaintext clusters whose operation completed, and the aligned
+   * buffers of host clusters written for the last time.
+   */
+  private readonly plainPool: Buffer[] = [];
+  private readonly hostPool: Buffer[] = [];
 
   constructor(host: CompressedWriterHost, options: CompressedWriterOptions = {}) {
     this.host = host;
@@ -217,7 +226,7 @@ export class CompressedWriter {
       let p = this.pending.get(clusterIndex);
       if (!p) {
         const base = this.inflight.get(clusterIndex);
-        p = { clusterIndex, plain: base ? Buffer.from(base.plain) : Buffer.alloc(cs), coverage: base || n === cs ? undefined : new Coverage() };
+        p = { clusterIndex, plain: base ? Buffer.from(base.plain) : this.takePlain(n === cs), coverage: base || n === cs ? undefined : new Coverage() };
       } else {
         this.pending.delete(clusterIndex); // re-inserted below: Map order = least recently written first
       }
@@ -237,8 +246,9 @@ export class CompressedWriter {
    */
   private async waitForSpace(): Promise<void> {
     while (this.heldBytes >= this.maxPendingBytes) {
-      const oldestPartial = [...this.pending.values()].find((p) => p.coverage);
-      if (oldestPartial && this.inflight.size === 0) {
+      // (Searched only when nothing is in flight: a scan of every pending cluster per cluster written was a hot spot.)
+      const oldestPartial = this.inflight.size === 0 ? [...this.pending.values()].find((p) => p.coverage) : undefined;
+      if (oldestPartial) {
         await this.completePartial(oldestPartial);
         continue;
       }
@@ -286,6 +296,20 @@ export class CompressedWriter {
     });
   }
 
+  /** A plaintext cluster buffer: zeroed unless the caller overwrites all of it. */
+  private takePlain(overwritten: boolean): Buffer {
+    const buf = this.plainPool.pop();
+    if (!buf) return overwritten ? Buffer.allocUnsafe(this.g.clusterSize) : Buffer.alloc(this.g.clusterSize);
+    if (!overwritten) buf.fill(0);
+    return buf;
+  }
+
+  /** An operation stored its cluster: finish it and keep its plaintext buffer for reuse. */
+  private completed(op: InflightOp): void {
+    this.finish(op);
+    if (!op.shared && this.plainPool.length * this.g.clusterSize < this.maxPendingBytes) this.plainPool.push(op.plain);
+  }
+
   private finish(op: InflightOp): void {
     if (this.inflight.get(op.clusterIndex) === op) this.inflight.delete(op.clusterIndex);
     this.startIfIdle(op.clusterIndex);
@@ -296,13 +320,13 @@ export class CompressedWriter {
     const cs = this.g.clusterSize;
     if (op.plain.equals(zeroBuffer(cs))) {
       await this.host.zeroCluster(op.clusterIndex);
-      this.finish(op);
+      this.completed(op);
       return;
     }
     const compressed = await compressCluster(this.host.compressionType, op.plain, cs - 1);
     if (!compressed) {
       await this.host.writeUncompressed(op.clusterIndex * cs, op.plain);
-      this.finish(op);
+      this.completed(op);
       return;
     }
     // Placement is serialised: chunks are packed in the order their compression completes.
@@ -312,7 +336,7 @@ export class CompressedWriter {
   }
 
   private newHostCluster(hostOffset: number): HostCluster {
-    const buf = allocAligned(this.g.clusterSize, this.alignment);
+    const buf = this.hostPool.pop() ?? allocAligned(this.g.clusterSize, this.alignment);
     buf.fill(0);
     return { hostOffset, buf, nbChunks: 0, nbLinked: 0, writerRef: true, closed: false, fillBytes: 0, writtenBytes: 0, writing: undefined, waiters: [] };
   }
@@ -395,7 +419,10 @@ export class CompressedWriter {
       const c = this.area.shift()!;
       c.closed = true;
       c.fillBytes = cs;
-      const write = this.writeHostCluster(c).catch((err: unknown) => this.fail(err));
+      const write = this.writeHostCluster(c).then(() => {
+        // Its last write: nothing refers to the buffer any more.
+        if (this.hostPool.length < this.areaClusters * 4) this.hostPool.push(c.buf);
+      }).catch((err: unknown) => this.fail(err));
       this.closedWrites.add(write);
       void write.finally(() => this.closedWrites.delete(write));
     }
@@ -403,7 +430,7 @@ export class CompressedWriter {
   }
 
   /**
-   * Write a host cluster as it is now (whole, aligned, zero past its fill) with the direct handle,
+   * Write a host cluster as it is now (aligned, up to its fill) with the direct handle,
    * then link the chunks that were waiting for it. Writes of one cluster are chained.
    */
   private writeHostCluster(c: HostCluster): Promise<void> {
@@ -411,7 +438,10 @@ export class CompressedWriter {
       const fill = c.fillBytes;
       if (c.writtenBytes >= fill) return;
       try {
-        await this.host.directFile.pwrite(c.buf, c.hostOffset, 'compressed');
+        // Up to the fill only (aligned): a cluster left partly filled at the end then allocates on
+        // the host no more than its data, as qemu-img's compressed writes (matters for 2 MiB clusters).
+        const bytes = Math.min(this.g.clusterSize, Math.ceil(fill / this.alignment) * this.alignment);
+        await this.host.directFile.pwrite(c.buf.subarray(0, bytes), c.hostOffset, 'compressed');
       } catch (err) {
         // The waiting chunks are lost: their clusters stay unlinked (a leak at worst).
         for (const chunk of c.waiters.splice(0)) this.finish(chunk.op);
@@ -446,7 +476,7 @@ export class CompressedWriter {
       }
       for (const chunk of chunks) for (const c of chunk.clusters) await this.dropWriterRefLocked(c);
     });
-    for (const chunk of chunks) this.finish(chunk.op);
+    for (const chunk of chunks) this.completed(chunk.op);
   }
 
   /**
@@ -469,7 +499,10 @@ export class CompressedWriter {
     const last = this.g.clusterIndex(guestOffset + bytes - 1);
     for (let c = this.g.clusterIndex(guestOffset); c <= last; c++) {
       const op = this.inflight.get(c);
-      if (op) add(c, op.plain, 0, cs, false);
+      if (op) {
+        op.shared = true;
+        add(c, op.plain, 0, cs, false);
+      }
       const p = this.pending.get(c);
       if (!p) continue;
       if (!p.coverage) add(c, p.plain, 0, cs, true);

@@ -3,6 +3,7 @@
  * run on the libuv threadpool by the native addon, and the LRU of decompressed clusters: reading a
  * compressed cluster 4 KiB at a time decompresses it once; concurrent readers share one decompression.
  */
+import { availableParallelism } from 'node:os';
 import { LRUCache } from 'lru-cache';
 import { compress, decompress, type CompressionType } from '../../io/native.js';
 import { COMPRESSION_ZSTD } from '../format/constants.js';
@@ -13,14 +14,36 @@ export function compressionTypeName(headerValue: number): CompressionType {
   return headerValue === COMPRESSION_ZSTD ? 'zstd' : 'zlib';
 }
 
+/**
+ * Codec jobs on the threadpool at once: two per core (one more queued per core keeps it busy while
+ * the main thread is late to hand out the next), leaving at least two of libuv's threads to file I/O.
+ * Submitting every cluster of a large write or read at once queued hundreds of codec jobs in front
+ * of the file reads and writes that feed them (the threadpool is FIFO), so the pipeline stalled.
+ */
+const MAX_CODEC_JOBS = Math.max(1, Math.min(2 * availableParallelism(), Number(process.env.UV_THREADPOOL_SIZE ?? 4) - 2));
+let codecJobs = 0;
+const codecWaiters: (() => void)[] = [];
+
+/** Run `job` once fewer than MAX_CODEC_JOBS codec jobs are on the threadpool. */
+async function codecSlot<T>(job: () => Promise<T>): Promise<T> {
+  while (codecJobs >= MAX_CODEC_JOBS) await new Promise<void>((resolve) => codecWaiters.push(resolve));
+  codecJobs++;
+  try {
+    return await job();
+  } finally {
+    codecJobs--;
+    codecWaiters.shift()?.();
+  }
+}
+
 /** Compress one cluster; null when the result would not be smaller than `maxOutBytes`. */
 export function compressCluster(type: CompressionType, cluster: Uint8Array, maxOutBytes: number): Promise<Buffer | null> {
-  return compress(type, cluster, maxOutBytes);
+  return codecSlot(() => compress(type, cluster, maxOutBytes));
 }
 
 /** Decompress `src` into `out` (exactly one cluster); rejects (code EBADCOMPRESSED) on bad data. */
 export function decompressClusterInto(type: CompressionType, src: Uint8Array, out: Uint8Array): Promise<void> {
-  return decompress(type, src, out);
+  return codecSlot(() => decompress(type, src, out));
 }
 
 /** LRU of decompressed clusters keyed by the compressed chunk's host offset. */

@@ -141,7 +141,9 @@ async function executePlan(s: ImageState, plan: ClusterWritePlan, data: Buffer, 
  */
 async function preallocateAhead(s: ImageState, runStart: number, runEnd: number): Promise<void> {
   const tracked = s.file;
-  if (s.preallocUnsupported || runEnd <= tracked.sizeBytes) return;
+  // Extended L2: subclusters a write does not touch stay unallocated and QEMU leaves them holes in
+  // the file; allocating them ahead would make a converted image bigger than qemu-img's.
+  if (s.preallocUnsupported || s.geometry.extendedL2 || runEnd <= tracked.sizeBytes) return;
   const cs = s.geometry.clusterSize;
   const aheadBytes = Math.max(cs, Math.min(PREALLOC_AHEAD_BYTES, 16 * cs));
   const start = Math.max(tracked.sizeBytes, runStart);

@@ -75,7 +75,7 @@ async function readEverything(path: string, dir: string): Promise<unknown> {
     failures.push(err);
   }
   const out = join(dir, 'out.raw');
-  const code = await convert(['-q', '-O', 'raw', path, out]);
+  const code = await convert(['-q', '-f', 'qcow2', '-O', 'raw', path, out]);
   if (failures.length > 0) expect(code, 'convert must fail where reading fails').toBe(1);
   return failures[0];
 }
