@@ -123,30 +123,37 @@ static bool parse_lock_type(napi_env env, napi_value value, bool allow_unlock, s
   return true;
 }
 
-/* ofdSetLock(fd, type, start, len): F_OFD_SETLK, never waits; len 0 means "to the end of file". */
-static napi_value js_ofd_set_lock(napi_env env, napi_callback_info info) {
+/* The shared part of ofdSetLock/ofdGetLock: parse (fd, type, start, len) into `fl` and run
+ * fcntl(cmd) on it (retrying EINTR). False with a pending JS exception on bad arguments or failure. */
+static bool ofd_fcntl(napi_env env, napi_callback_info info, int cmd, const char *what, bool allow_unlock, struct flock *fl) {
   napi_value argv[4];
   int fd;
   short type;
   int64_t start, length;
-  if (!get_args(env, info, 4, argv) || !get_fd(env, argv[0], &fd) || !parse_lock_type(env, argv[1], true, &type) ||
+  if (!get_args(env, info, 4, argv) || !get_fd(env, argv[0], &fd) || !parse_lock_type(env, argv[1], allow_unlock, &type) ||
       !get_safe_uint(env, argv[2], "start", &start) || !get_safe_uint(env, argv[3], "length", &length)) {
-    return NULL;
+    return false;
   }
-  struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_type = type;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = (off_t)start;
-  fl.l_len = (off_t)length;
+  memset(fl, 0, sizeof *fl);
+  fl->l_type = type;
+  fl->l_whence = SEEK_SET;
+  fl->l_start = (off_t)start;
+  fl->l_len = (off_t)length;
   int ret;
   do {
-    ret = fcntl(fd, F_OFD_SETLK, &fl);
+    ret = fcntl(fd, cmd, fl);
   } while (ret == -1 && errno == EINTR);
   if (ret == -1) {
-    throw_errno(env, errno, "fcntl(F_OFD_SETLK)");
-    return NULL;
+    throw_errno(env, errno, what);
+    return false;
   }
+  return true;
+}
+
+/* ofdSetLock(fd, type, start, len): F_OFD_SETLK, never waits; len 0 means "to the end of file". */
+static napi_value js_ofd_set_lock(napi_env env, napi_callback_info info) {
+  struct flock fl;
+  if (!ofd_fcntl(env, info, F_OFD_SETLK, "fcntl(F_OFD_SETLK)", true, &fl)) return NULL;
   napi_value undefined;
   NAPI_CALL(env, napi_get_undefined(env, &undefined));
   return undefined;
@@ -155,28 +162,8 @@ static napi_value js_ofd_set_lock(napi_env env, napi_callback_info info) {
 /* ofdGetLock(fd, type, start, len): the first conflicting lock held through another open file
  * description, as null or {type, start, len, pid} (pid is -1 for OFD locks). */
 static napi_value js_ofd_get_lock(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
-  int fd;
-  short type;
-  int64_t start, length;
-  if (!get_args(env, info, 4, argv) || !get_fd(env, argv[0], &fd) || !parse_lock_type(env, argv[1], false, &type) ||
-      !get_safe_uint(env, argv[2], "start", &start) || !get_safe_uint(env, argv[3], "length", &length)) {
-    return NULL;
-  }
   struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_type = type;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = (off_t)start;
-  fl.l_len = (off_t)length;
-  int ret;
-  do {
-    ret = fcntl(fd, F_OFD_GETLK, &fl);
-  } while (ret == -1 && errno == EINTR);
-  if (ret == -1) {
-    throw_errno(env, errno, "fcntl(F_OFD_GETLK)");
-    return NULL;
-  }
+  if (!ofd_fcntl(env, info, F_OFD_GETLK, "fcntl(F_OFD_GETLK)", false, &fl)) return NULL;
   napi_value result;
   if (fl.l_type == F_UNLCK) {
     NAPI_CALL(env, napi_get_null(env, &result));
