@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { dioAlignment, FADVISE, fadvise, FALLOC, fallocate, ofdGetLock, ofdSetLock } from '../../../src/io/native.js';
-import { expectCode, haveTool, makeDirectIoDir, MiB } from './helpers.js';
+import { requireTool } from '../../helpers/tools.js';
+import { expectCode, makeDirectIoDir, MiB } from './helpers.js';
 
 let dir: string;
 
@@ -139,7 +140,7 @@ describe('fadvise', () => {
     expect(FADVISE).toMatchObject({ NORMAL: 0, RANDOM: 1, SEQUENTIAL: 2, WILLNEED: 3, DONTNEED: 4, NOREUSE: 5 });
   });
 
-  const hasFincore = haveTool('fincore');
+  const hasFincore = requireTool('fincore');
   it.skipIf(!hasFincore)('DONTNEED drops the file from the page cache', async () => {
     const path = join(dir, 'cached.bin');
     writeFileSync(path, Buffer.alloc(4 * MiB, 0x5a));
