@@ -14,6 +14,7 @@ import { imageInfo } from '../qcow2/tools/info.js';
 import { layout } from '../qcow2/tools/layout.js';
 import { mapExtents } from '../qcow2/tools/map.js';
 import { listSnapshots, openSnapshotView, type SnapshotView } from '../qcow2/engine/snapshot.js';
+import { resizeImage } from '../qcow2/tools/resize.js';
 import { seekAllocation } from '../qcow2/tools/seek.js';
 import { zeroRange } from '../qcow2/tools/zero-range.js';
 import type { DeviceOpenOptions } from './options.js';
@@ -66,9 +67,9 @@ export class Qcow2Device implements InspectableDevice {
     return this.image.flush();
   }
 
-  /** Growing reads as zeros even over a longer backing file (Qcow2Image.resize zeroes that range). */
+  /** Growing reads as zeros even over a longer backing file, as QEMU's truncate (tools/resize.ts). */
   resize(newVirtualSize: number): Promise<void> {
-    return this.image.resize(newVirtualSize);
+    return resizeImage(this.image, newVirtualSize);
   }
 
   allocatedBytes(): Promise<number> {

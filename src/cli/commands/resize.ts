@@ -4,6 +4,7 @@
  */
 import { parseArgs, parseSize } from '../args.js';
 import { openImage } from '../../node.js';
+import { resizeImage } from '../../qcow2/tools/resize.js';
 
 export const summary = 'change the virtual size of an image (qemu-img resize)';
 
@@ -34,7 +35,7 @@ export async function run(argv: string[]): Promise<number> {
       process.stderr.write('qemu-img: Use the --shrink option to perform a shrink operation.\n');
       return 1;
     }
-    await image.resize(newSize);
+    await resizeImage(image, newSize);
   } finally {
     await image.close();
   }
