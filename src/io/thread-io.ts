@@ -19,8 +19,12 @@ const debug = createDebug('qcow2fuse:io');
 
 /** Request slots (FUSE sends up to 64 requests at once, a read may split into several host reads). */
 const THREAD_IO_SLOTS = 256;
-/** Threads of the pool: enough to keep a queue at the device while others wait on the journal. */
-export const THREAD_IO_THREADS = 16;
+/**
+ * Threads of the pool. Measured with fio 4 KiB randrw qd16 through a mount (2 cores, under load:
+ * load average 10–15), daemon CPU per request: 31.0 µs on libuv's pool, 25.9 µs with 4 threads,
+ * 27.3 µs with 8, 28.0 µs with 16. 8 keeps more cache misses at the device for little CPU.
+ */
+export const THREAD_IO_THREADS = 8;
 
 const EAGAIN = 11;
 
