@@ -1,7 +1,7 @@
 /**
  * Our own I/O thread pool for buffered host files (and O_DIRECT ones with `aio=threads`) — QEMU's
- * `aio=threads`. libuv's threadpool, behind fs.read/fs.write, has 4 threads shared with every
- * other job (compression, fs calls) and settles each request with its own callback; here
+ * `aio=threads`. libuv's threadpool, behind fs.read/fs.write, is shared with every other job
+ * (compression, fs calls) and settles each request with its own callback and request object; here
  * THREAD_IO_THREADS threads of native/threadio.c serve a FIFO and their completions reach JS in one
  * call per batch. Reads of a buffered file are first tried on the main thread with
  * preadv2(RWF_NOWAIT): a page-cache hit is answered there, without any thread hop, and only a miss
@@ -21,7 +21,8 @@ const debug = createDebug('qcow2fuse:io');
 const THREAD_IO_SLOTS = 256;
 /**
  * Threads of the pool. Measured with fio 4 KiB randrw qd16 through a mount (2 cores, under load:
- * load average 10–15), daemon CPU per request: 31.0 µs on libuv's pool, 25.9 µs with 4 threads,
+ * load average 10–15), daemon CPU per request: 31.0 µs on libuv's pool (16 threads, as the CLI sets
+ * UV_THREADPOOL_SIZE), 25.9 µs with 4 threads,
  * 27.3 µs with 8, 28.0 µs with 16. 8 keeps more cache misses at the device for little CPU.
  */
 export const THREAD_IO_THREADS = 8;
