@@ -6,8 +6,8 @@
  * io_submit per event-loop iteration and completions come back through an eventfd on the loop.
  *
  * One engine per process (the kernel context is a shared resource, fs.aio-max-nr); requests beyond
- * its slots wait in a FIFO. `nativeAio()` returns null when the kernel offers no AIO context, and
- * callers keep using the threadpool.
+ * its slots wait in a FIFO (slot-engine.ts, shared with the thread pool). `nativeAio()` returns null
+ * when the kernel offers no AIO context, and callers use the I/O thread pool (thread-io.ts).
  */
 import createDebug from 'debug';
 

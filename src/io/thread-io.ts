@@ -55,7 +55,7 @@ export class ThreadIoEngine extends SlotEngine {
       this.nbInlineReads++;
       return Promise.resolve(result);
     }
-    if (result < 0 && result !== -EAGAIN) debug('preadv2(RWF_NOWAIT) on fd %d: errno %d, using the pool', fd, -result);
+    if (result !== -EAGAIN) debug('preadv2(RWF_NOWAIT) on fd %d: errno %d, using the pool', fd, -result);
     return this.submit(false, fd, view, offset);
   }
 }
