@@ -61,6 +61,8 @@ export class ImageState {
   firstWriteDone = false;
   closed = false;
   readonly preallocate: boolean;
+  /** Uncompressed writes leave out zero clusters that already read as zero (Qcow2OpenOptions.detectZeroes). */
+  readonly detectZeroes: boolean;
   readonly aioMode: AioMode | undefined;
   private zeroClusterBuf: Buffer | undefined;
   /** The host filesystem refused fallocate(ZERO_RANGE): preallocation is skipped from then on. */
@@ -91,6 +93,7 @@ export class ImageState {
       if (end > this.highWaterBytes) this.highWaterBytes = end;
     };
     this.preallocate = options.preallocate ?? true;
+    this.detectZeroes = options.detectZeroes ?? true;
     this.aioMode = options.aio;
     this.compressionType = compressionTypeName(header.compressionType);
     const extendedL2 = hasBit(header.incompatibleFeatures, 4);

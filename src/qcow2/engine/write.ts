@@ -78,10 +78,10 @@ function zeroClustersIn(s: ImageState, guestOffset: number, data: Uint8Array): n
  * all of whose subclusters read as zero — decided under the metadata lock, and never for a cluster
  * another request has in flight (that one goes the normal way, after it). The guest sees the same
  * bytes; the image stays sparse and the write costs a comparison. Not with an external data file
- * (its bytes are the guest's, whatever the L2 table says).
+ * (its bytes are the guest's, whatever the L2 table says), nor with `detectZeroes: false`.
  */
 async function writeSkippingZeros(s: ImageState, guestOffset: number, data: Uint8Array): Promise<void> {
-  const candidates = s.hasDataFile ? [] : zeroClustersIn(s, guestOffset, data);
+  const candidates = s.hasDataFile || !s.detectZeroes ? [] : zeroClustersIn(s, guestOffset, data);
   if (candidates.length === 0) {
     await writeNormal(s, guestOffset, data);
     return;

@@ -90,6 +90,17 @@ describe.skipIf(!hasQemu)('writes of zero clusters that already read as zero', (
     await qemuImgCheckClean(path);
   });
 
+  it('writes every zero cluster with detectZeroes: false (convert, bench)', async () => {
+    const path = join(tmp.path, 'all.qcow2');
+    await qemuImgCreate(path, 4 * MiB);
+    const image = await openImage(path, { readOnly: false, detectZeroes: false });
+    await image.write(0, Buffer.alloc(4 * CLUSTER));
+    await image.close();
+    expect(at(await qemuImgMap(path), 0)).toMatchObject({ data: true, length: 4 * CLUSTER });
+    await qemuIoOk(path, [`read -P 0 0 ${4 * CLUSTER}`]);
+    await qemuImgCheckClean(path);
+  });
+
   it('writes zeros over clusters a backing file shows through', async () => {
     const base = join(tmp.path, 'base.qcow2');
     const path = join(tmp.path, 'over.qcow2');
