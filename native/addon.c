@@ -5,6 +5,7 @@
  *   file.c          fallocate, fadvise, OFD locks, O_DIRECT alignment
  *   codecs.c        QEMU-compatible zlib/zstd cluster codecs on the threadpool
  *   aio.c           Linux native AIO on the event loop
+ *   threadio.c      a pool of our own threads for pread/pwrite (buffered files)
  *   fuse_session.c  a libfuse3 low-level FUSE session served on the event loop
  * This file only registers them.
  */
@@ -12,7 +13,7 @@
 
 static napi_value init(napi_env env, napi_value exports) {
   if (!register_aligned(env, exports) || !register_file(env, exports) || !register_codecs(env, exports) ||
-      !register_aio(env, exports) || !register_fuse_session(env, exports)) {
+      !register_aio(env, exports) || !register_thread_io(env, exports) || !register_fuse_session(env, exports)) {
     return NULL;
   }
   return exports;

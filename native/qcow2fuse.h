@@ -85,6 +85,7 @@ bool register_aligned(napi_env env, napi_value exports);
 bool register_codecs(napi_env env, napi_value exports);
 bool register_file(napi_env env, napi_value exports);
 bool register_aio(napi_env env, napi_value exports);
+bool register_thread_io(napi_env env, napi_value exports);
 bool register_fuse_session(napi_env env, napi_value exports);
 
 #endif

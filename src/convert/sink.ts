@@ -112,7 +112,8 @@ class Qcow2Sink implements ConvertSink {
     const openHostFile = destinationOpener(o);
     if (o.create) await createImage(path, { ...o.createOptions, virtualSize: o.virtualSize ?? o.createOptions?.virtualSize ?? STREAM_INITIAL_BYTES, openHostFile });
     const image = await openImage(path, {
-      readOnly: false, compress: o.compress ?? false, cache: imageCache(o.cache), openHostFile,
+      // convert decides itself which clusters to write (all of them with -S 0): every write is meant.
+      readOnly: false, compress: o.compress ?? false, cache: imageCache(o.cache), openHostFile, detectZeroes: false,
       ...(o.compressedWriter ? { compressedWriter: o.compressedWriter } : {}),
     });
     if (!o.create && o.virtualSize !== undefined && image.virtualSize < o.virtualSize) {

@@ -11,7 +11,7 @@
  *                           else libfuse's default: cached while open, dropped on open)
  *   cache=writeback|none|writethrough   host I/O mode of the image file (none = O_DIRECT)
  *   aio=native|threads      how O_DIRECT I/O is submitted (cache=none, and compress's direct writes):
- *                           Linux AIO (default) or the threadpool — QEMU's aio= of the same names
+ *                           Linux AIO (default) or our I/O thread pool — QEMU's aio= of the same names
  *   l2-cache-size=SIZE, refcount-cache-size=SIZE   table cache sizes (K/M/G/T suffixes, powers of 1024)
  *   allow_other             let other users access the mount (checked against the file modes)
  *   name=NAME               the raw file's name (default disk.raw)

@@ -6,90 +6,29 @@
  * io_submit per event-loop iteration and completions come back through an eventfd on the loop.
  *
  * One engine per process (the kernel context is a shared resource, fs.aio-max-nr); requests beyond
- * its slots wait in a FIFO. `nativeAio()` returns null when the kernel offers no AIO context, and
- * callers keep using the threadpool.
+ * its slots wait in a FIFO (slot-engine.ts, shared with the thread pool). `nativeAio()` returns null
+ * when the kernel offers no AIO context, and callers use the I/O thread pool (thread-io.ts).
  */
-import { constants as osConstants } from 'node:os';
-
 import createDebug from 'debug';
 
 import { aioCreate, aioSubmit, type AioHandle } from './native.js';
+import { SlotEngine, type SlotRequest } from './slot-engine.js';
 
 const debug = createDebug('qcow2fuse:io');
 
 /** Request slots of the process's AIO context (a qemu-img bench queue is 64; FUSE sends ≤ 16). */
 const AIO_SLOTS = 256;
 
-const ERRNO_NAMES = new Map<number, string>(Object.entries(osConstants.errno).map(([name, value]) => [value, name]));
-
-/** An Error shaped like Node's fs errors (code = errno name, errno negated, syscall). */
-function errnoError(errno: number, syscall: string): Error {
-  const code = ERRNO_NAMES.get(errno) ?? 'EIO';
-  return Object.assign(new Error(`${code}: ${syscall} failed (errno ${errno})`), { code, errno: -errno, syscall });
-}
-
-interface AioRequest {
-  write: boolean;
-  fd: number;
-  view: Uint8Array;
-  offset: number;
-  resolve: (bytes: number) => void;
-  reject: (error: Error) => void;
-}
-
-export class AioEngine {
-  private readonly outSlots = new Int32Array(AIO_SLOTS);
-  private readonly outResults = new Float64Array(AIO_SLOTS);
+export class AioEngine extends SlotEngine {
   private readonly handle: AioHandle;
-  /** The request occupying each slot (it also keeps the request's memory alive). */
-  private readonly bySlot: (AioRequest | undefined)[] = new Array<AioRequest | undefined>(AIO_SLOTS).fill(undefined);
-  private readonly freeSlots: number[] = Array.from({ length: AIO_SLOTS }, (_, i) => AIO_SLOTS - 1 - i);
-  private readonly waiting: AioRequest[] = [];
-  /** Requests handed to the kernel since the engine started (aioStats). */
-  nbSubmitted = 0;
 
   constructor() {
+    super(AIO_SLOTS, 'io_submit');
     this.handle = aioCreate(AIO_SLOTS, this.outSlots, this.outResults, (count) => this.onComplete(count));
   }
 
-  /**
-   * pread (write=false) or pwrite of all of `view` at `offset` on the O_DIRECT `fd`; resolves to the
-   * bytes transferred (short only at end of file or on a partial write, as pread/pwrite).
-   */
-  submit(write: boolean, fd: number, view: Uint8Array, offset: number): Promise<number> {
-    return new Promise((resolve, reject) => {
-      const request: AioRequest = { write, fd, view, offset, resolve, reject };
-      const slot = this.freeSlots.pop();
-      if (slot === undefined) this.waiting.push(request);
-      else this.start(slot, request);
-    });
-  }
-
-  private start(slot: number, request: AioRequest): void {
-    this.bySlot[slot] = request;
-    this.nbSubmitted++;
-    try {
-      aioSubmit(this.handle, slot, request.write, request.fd, request.view, request.offset);
-    } catch (error) {
-      this.bySlot[slot] = undefined;
-      this.freeSlots.push(slot);
-      request.reject(error instanceof Error ? error : new Error(String(error)));
-    }
-  }
-
-  private onComplete(count: number): void {
-    for (let i = 0; i < count; i++) {
-      const slot = this.outSlots[i];
-      const result = this.outResults[i];
-      const request = this.bySlot[slot];
-      this.bySlot[slot] = undefined;
-      const next = this.waiting.shift();
-      if (next) this.start(slot, next);
-      else this.freeSlots.push(slot);
-      if (request === undefined) continue;
-      if (result >= 0) request.resolve(result);
-      else request.reject(errnoError(-result, request.write ? 'io_submit(pwrite)' : 'io_submit(pread)'));
-    }
+  protected submitNative(slot: number, request: SlotRequest): void {
+    aioSubmit(this.handle, slot, request.write, request.fd, request.view, request.offset);
   }
 }
 

@@ -39,8 +39,8 @@ export interface HostFileOpenOptions {
   forceShare?: boolean;
   /**
    * How a direct handle's reads and writes reach the kernel, as QEMU's `aio=`: 'native' (Linux AIO,
-   * the whole queue at the device; the default) or 'threads' (libuv's threadpool). Buffered handles
-   * always use the threadpool (AIO on them is synchronous).
+   * the whole queue at the device; the default) or 'threads' (our I/O thread pool, thread-io.ts).
+   * Buffered handles always use the thread pool (AIO on them is synchronous).
    */
   aio?: AioMode;
   /** Create the file when it does not exist (mode 0644 before umask); never truncates. Ignored when readOnly. */

@@ -50,6 +50,10 @@ interface NativeAddon {
   decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void>;
   aioCreate(capacity: number, outSlots: Int32Array, outResults: Float64Array, onComplete: (count: number) => void): AioHandle;
   aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
+  threadIoCreate(nbThreads: number, capacity: number, outSlots: Int32Array, outResults: Float64Array,
+    onComplete: (count: number) => void): ThreadIoHandle;
+  threadIoSubmit(handle: ThreadIoHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
+  preadNowait(fd: number, view: ArrayBufferView, offset: number): number;
   sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
     writebackCache: boolean): FuseSessionHandle;
   sessionClose(session: FuseSessionHandle): void;
@@ -93,6 +97,9 @@ export interface FuseOpCodes {
 
 /** A Linux AIO context of the addon (opaque). */
 export type AioHandle = { readonly __brand: 'AioHandle' };
+
+/** A thread pool of the addon (opaque; native/threadio.c). */
+export type ThreadIoHandle = { readonly __brand: 'ThreadIoHandle' };
 
 const ADDON_FILE = 'qcow2fuse_native.node';
 
@@ -224,6 +231,31 @@ export function aioCreate(capacity: number, outSlots: Int32Array, outResults: Fl
  */
 export function aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void {
   addon.aioSubmit(handle, slot, write, fd, view, offset);
+}
+
+/**
+ * A pool of `nbThreads` threads of our own doing pread/pwrite, with `capacity` request slots;
+ * completions are reported as aioCreate's. Throws the pthread_create/eventfd error when it cannot start.
+ */
+export function threadIoCreate(nbThreads: number, capacity: number, outSlots: Int32Array, outResults: Float64Array,
+  onComplete: (count: number) => void): ThreadIoHandle {
+  return addon.threadIoCreate(nbThreads, capacity, outSlots, outResults, onComplete);
+}
+
+/**
+ * Queue one pread (write=false) or pwrite of `view` at `offset` on `fd` in free slot `slot`; a pool
+ * thread runs it. view must stay alive and untouched until the slot's completion.
+ */
+export function threadIoSubmit(handle: ThreadIoHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void {
+  addon.threadIoSubmit(handle, slot, write, fd, view, offset);
+}
+
+/**
+ * One preadv2(RWF_NOWAIT) on the calling thread: bytes read (short where the rest is not cached,
+ * or at end of file) or -errno (-EAGAIN: nothing of it is in the page cache).
+ */
+export function preadNowait(fd: number, view: ArrayBufferView, offset: number): number {
+  return addon.preadNowait(fd, view, offset);
 }
 
 /** True for an Error raised by a failed syscall in the addon (or Node's fs, which has the same shape). */

@@ -2,9 +2,10 @@
  * HostFile over a real file: Node's fs for I/O, the native addon for fallocate, fadvise, O_DIRECT
  * alignment and QEMU-compatible locks, fs-ext for flock.
  *
- * Buffered mode passes requests straight to pread/pwrite on the threadpool. Direct mode (O_DIRECT)
- * submits them through Linux AIO (aio.ts; the threadpool with `aio: 'threads'` or on a kernel
- * without AIO). It sends a request straight through when its memory, offset and length are aligned
+ * Buffered mode passes requests straight to pread/pwrite on our I/O thread pool (thread-io.ts;
+ * reads answered from the page cache on the main thread when they can be; libuv's threadpool where
+ * the pool cannot start). Direct mode (O_DIRECT) submits them through Linux AIO (aio.ts; the thread
+ * pool with `aio: 'threads'` or on a kernel without AIO). It sends a request straight through when its memory, offset and length are aligned
  * (the fast path), and otherwise goes
  * through an aligned bounce buffer: reads read the covering aligned range and copy out; writes
  * read-modify-write the partial edge blocks. A write whose last partial block crosses the end of
@@ -25,6 +26,7 @@ import { AlignedBufferPool, alignDown, alignUp, DEFAULT_ALIGNMENT_BYTES, isDirec
 import { CodedError, HostIoError } from './errors.js';
 import type { HostFile, HostFileOpenOptions, WritePoint } from './host-file.js';
 import { applyQemuLocks, qemuPermissionsFor, releaseFlock, releaseQemuLocks, takeExclusiveFlock } from './locks.js';
+import { threadIo, type ThreadIoEngine } from './thread-io.js';
 import { dioAlignment as nativeDioAlignment, errorCodeOf, FADVISE, fadvise, FALLOC, fallocate } from './native.js';
 
 const debug = createDebug('qcow2fuse:io');
@@ -162,6 +164,8 @@ class NodeHostFile implements HostFile {
    * stay on the main description, never held up by in-flight AIO.
    */
   private readonly aio: AioChannel | null;
+  /** The I/O thread pool for what does not go through AIO (null: libuv's threadpool). */
+  private readonly threads: ThreadIoEngine | null = threadIo();
   private closed = false;
   /**
    * Direct mode: the file size as this handle last established it (fstat at open, then every
@@ -212,13 +216,18 @@ class NodeHostFile implements HostFile {
     }
   }
 
+  /** One pread of `view` at hostOffset by the handle's engine; bytes read. */
+  private readOnce(view: Uint8Array, hostOffset: number): Promise<number> {
+    if (this.aio) return this.aio.engine.submit(false, this.aio.handle.fd, view, hostOffset);
+    if (this.threads === null) return preadOnce(this.fd, view, 0, view.length, hostOffset);
+    return this.direct ? this.threads.submit(false, this.fd, view, hostOffset) : this.threads.read(this.fd, view, hostOffset);
+  }
+
   /** Read until `view` is full or end of file; returns bytes read. A short direct read means EOF. */
   private async readFully(view: Uint8Array, hostOffset: number): Promise<number> {
     let doneBytes = 0;
     while (doneBytes < view.length) {
-      const bytesRead = await this.track(this.aio
-        ? this.aio.engine.submit(false, this.aio.handle.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
-        : preadOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
+      const bytesRead = await this.track(this.readOnce(doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes));
       if (bytesRead === 0) {
         break;
       }
@@ -239,9 +248,10 @@ class NodeHostFile implements HostFile {
     const aio = this.aio !== null && hostOffset + view.length <= this.sizeHintBytes ? this.aio : null;
     let doneBytes = 0;
     while (doneBytes < view.length) {
-      const bytesWritten = await this.track(aio
-        ? aio.engine.submit(true, aio.handle.fd, doneBytes === 0 ? view : view.subarray(doneBytes), hostOffset + doneBytes)
-        : pwriteOnce(this.fd, view, doneBytes, view.length - doneBytes, hostOffset + doneBytes));
+      const rest = doneBytes === 0 ? view : view.subarray(doneBytes);
+      const bytesWritten = await this.track(aio ? aio.engine.submit(true, aio.handle.fd, rest, hostOffset + doneBytes)
+        : this.threads ? this.threads.submit(true, this.fd, rest, hostOffset + doneBytes)
+          : pwriteOnce(this.fd, rest, 0, rest.length, hostOffset + doneBytes));
       if (bytesWritten === 0) {
         throw new HostIoError('EIO', this.path, 'pwrite', hostOffset + doneBytes, 'write made no progress');
       }

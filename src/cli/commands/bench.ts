@@ -37,7 +37,9 @@ export interface BenchOptions {
 
 /** Run the workload on `path`; the clock covers the requests and the final flush, not the open. */
 export async function runBench(path: string, o: BenchOptions): Promise<BenchResult> {
-  const image = await openImage(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate, forceShare: o.forceShare });
+  // Zeros are written as qemu-img bench writes them (no detect-zeroes).
+  const image = await openImage(path, { readOnly: !o.write, cache: o.cache, aio: o.aio, preallocate: o.preallocate, forceShare: o.forceShare,
+    detectZeroes: false });
   try {
     // One buffer per request in flight, cut from one aligned allocation, as qemu-img bench does.
     const depth = Math.min(o.depth, o.count);

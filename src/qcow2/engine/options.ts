@@ -34,6 +34,12 @@ export interface Qcow2OpenOptions {
    */
   preallocate?: boolean;
   /**
+   * Leave out of uncompressed writes the whole clusters of zeros that already read as zero (QEMU's
+   * `detect-zeroes`, restricted to what changes nothing the guest sees); default true. Off for
+   * writers that decide themselves what to allocate (convert, `-S 0` included) and for bench.
+   */
+  detectZeroes?: boolean;
+  /**
    * Open for check/repair (QEMU's BDRV_O_CHECK): a corrupt-marked image may be opened writable, the
    * snapshot table is left to the check to read, and a dirty image is not repaired on open.
    */

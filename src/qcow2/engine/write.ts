@@ -50,7 +50,63 @@ export async function write(s: ImageState, guestOffset: number, data: Uint8Array
     await s.compressedWriter.write(guestOffset, data);
     return;
   }
-  await writeNormal(s, guestOffset, data);
+  await writeSkippingZeros(s, guestOffset, data);
+}
+
+/**
+ * Whole guest clusters of `data` that are all zero, in [guestOffset, +data.length), as cluster indexes.
+ * The comparison stops at the first non-zero byte of each cluster, so data that is not zero costs little.
+ */
+function zeroClustersIn(s: ImageState, guestOffset: number, data: Uint8Array): number[] {
+  const g = s.geometry;
+  const firstFull = g.clusterIndex(guestOffset + g.clusterSize - 1);
+  const endFull = g.clusterIndex(guestOffset + data.length);
+  const found: number[] = [];
+  if (endFull <= firstFull) return found;
+  const zero = s.zeroCluster();
+  const src = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  for (let c = firstFull; c < endFull; c++) {
+    const start = c * g.clusterSize - guestOffset;
+    if (src.compare(zero, 0, g.clusterSize, start, start + g.clusterSize) === 0) found.push(c);
+  }
+  return found;
+}
+
+/**
+ * The uncompressed write, leaving out whole clusters of zeros that already read as zero (QEMU's
+ * `qemu-img convert` does the same): unallocated clusters with no backing file below, zero clusters,
+ * all of whose subclusters read as zero — decided under the metadata lock, and never for a cluster
+ * another request has in flight (that one goes the normal way, after it). The guest sees the same
+ * bytes; the image stays sparse and the write costs a comparison. Not with an external data file
+ * (its bytes are the guest's, whatever the L2 table says), nor with `detectZeroes: false`.
+ */
+async function writeSkippingZeros(s: ImageState, guestOffset: number, data: Uint8Array): Promise<void> {
+  const candidates = s.hasDataFile || !s.detectZeroes ? [] : zeroClustersIn(s, guestOffset, data);
+  if (candidates.length === 0) {
+    await writeNormal(s, guestOffset, data);
+    return;
+  }
+  const g = s.geometry;
+  const skipped = await s.lock.run(async () => {
+    const readsZero = new Set<number>();
+    for (const c of candidates) {
+      if (s.inflight.isGuestBusy(c, true)) continue;
+      const segments: ReadSegment[] = [];
+      const mapped = await s.activeMap.mapForRead(c * g.clusterSize, g.clusterSize, segments);
+      if (mapped === g.clusterSize && segments.every((seg) => seg.kind === 'zero')) readsZero.add(c);
+    }
+    return readsZero;
+  });
+  trace('write at %d: %d of %d zero clusters already read as zero, not written', guestOffset, skipped.size, candidates.length);
+  const end = guestOffset + data.length;
+  let pos = guestOffset;
+  while (pos < end) {
+    let runEnd = pos;
+    while (runEnd < end && !skipped.has(g.clusterIndex(runEnd))) runEnd = Math.min(end, g.startOfCluster(runEnd) + g.clusterSize);
+    if (runEnd > pos) await writeNormal(s, pos, data.subarray(pos - guestOffset, runEnd - guestOffset));
+    while (runEnd < end && skipped.has(g.clusterIndex(runEnd))) runEnd += g.clusterSize;
+    pos = runEnd;
+  }
 }
 
 /**
