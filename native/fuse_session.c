@@ -2,6 +2,8 @@
  * A FUSE session on libfuse3's low-level API, served on Node's event loop:
  *   sessionMount(mountpoint, args, dispatch, onEvent)   mount; returns the session handle
  *   sessionClose(session)                               stop serving, unmount if still mounted, free
+ *   sessionNotifyInval / sessionWriteBack               (writeback_cache) ask the kernel about the
+ *                                                       mount's cache, from fuse_kernel_worker.c's thread
  *   replyErr / replyNone / replyEntry / replyAttr / replyOpen / replyData / replyWrite /
  *   replyStatfs / replyLseek / replyDirents (request id, ...)   answer one request
  *   OP                                                  the request kinds dispatch() receives
@@ -88,6 +90,7 @@ struct session {
   bool init_answered;    /* set by session_init (libfuse answers INIT right after it) */
   bool init_reported;
   bool writeback_cache;  /* asked for by the mount (-o writeback_cache) */
+  kernel_worker_t *worker; /* with writeback_cache: notifications and write-backs (fuse_kernel_worker.c) */
   struct fuse_buf buf;   /* the current receive buffer (mem from the pool) */
   bool buf_given_away;   /* set by session_write when JS took buf.mem */
   napi_ref dispatch_ref;
@@ -257,20 +260,26 @@ static void requests_abort(session_t *s, int err) {
 
 /* ----------------------------------------------------------- calling JS */
 
-/* Call onEvent(kind, detail). */
-static void session_event(session_t *s, const char *kind, const char *detail) {
+/* Call onEvent(kind, detail, token, errno). */
+static void session_event_full(session_t *s, const char *kind, const char *detail, double token, int err) {
   napi_env env = s->env;
-  napi_value fn, recv, argv[2], result;
+  napi_value fn, recv, argv[4], result;
   if (napi_get_reference_value(env, s->event_ref, &fn) != napi_ok || fn == NULL || napi_get_undefined(env, &recv) != napi_ok ||
       napi_create_string_utf8(env, kind, NAPI_AUTO_LENGTH, &argv[0]) != napi_ok ||
-      napi_create_string_utf8(env, detail, NAPI_AUTO_LENGTH, &argv[1]) != napi_ok) {
+      napi_create_string_utf8(env, detail, NAPI_AUTO_LENGTH, &argv[1]) != napi_ok ||
+      napi_create_double(env, token, &argv[2]) != napi_ok || napi_create_int32(env, err, &argv[3]) != napi_ok) {
     return;
   }
-  if (napi_call_function(env, recv, fn, 2, argv, &result) == napi_pending_exception) {
+  if (napi_call_function(env, recv, fn, 4, argv, &result) == napi_pending_exception) {
     napi_value error;
     napi_get_and_clear_last_exception(env, &error);
     napi_fatal_exception(env, error);
   }
+}
+
+/* Call onEvent(kind, detail) (token and errno 0). */
+static void session_event(session_t *s, const char *kind, const char *detail) {
+  session_event_full(s, kind, detail, 0, 0);
 }
 
 /*
@@ -636,6 +645,10 @@ static void session_teardown(session_t *s) {
   }
   s->closed = true;
   session_stop_polling(s);
+  if (s->worker != NULL) {
+    kernel_worker_stop(s->worker);
+    s->worker = NULL;
+  }
   requests_abort(s, EIO);
   fuse_session_unmount(s->se);
   fuse_session_destroy(s->se);
@@ -644,6 +657,24 @@ static void session_teardown(session_t *s) {
   napi_delete_reference(s->env, s->event_ref);
   napi_async_destroy(s->env, s->async_ctx);
   uv_close((uv_handle_t *)&s->poll, session_poll_closed);
+}
+
+/* A write-back of the kernel worker ended: onEvent('written-back', '', token, errno) on the loop thread. */
+static void session_written_back(void *ctx, double token, int err) {
+  session_t *s = ctx;
+  napi_env env = s->env;
+  napi_handle_scope scope;
+  napi_callback_scope callback_scope;
+  napi_value resource;
+  if (s->closed || napi_open_handle_scope(env, &scope) != napi_ok) {
+    return;
+  }
+  if (napi_create_object(env, &resource) == napi_ok &&
+      napi_open_callback_scope(env, resource, s->async_ctx, &callback_scope) == napi_ok) {
+    session_event_full(s, "written-back", "", token, err);
+    napi_close_callback_scope(env, callback_scope);
+  }
+  napi_close_handle_scope(env, scope);
 }
 
 static void session_cleanup(napi_async_cleanup_hook_handle hook, void *arg) {
@@ -775,6 +806,13 @@ static napi_value js_session_mount(napi_env env, napi_callback_info info) {
     return NULL;
   }
   s->poll.data = s;
+  if (writeback_cache && (s->worker = kernel_worker_start(loop, fd, mountpoint, session_written_back, s)) == NULL) {
+    fuse_session_unmount(s->se);
+    fuse_session_destroy(s->se);
+    free(s);
+    throw_errno(env, ENOMEM, "kernel_worker_start");
+    return NULL;
+  }
   NAPI_CALL(env, napi_create_reference(env, argv[2], 1, &s->dispatch_ref));
   NAPI_CALL(env, napi_create_reference(env, argv[3], 1, &s->event_ref));
   NAPI_CALL(env, napi_create_string_utf8(env, "qcow2fuse:fuse-session", NAPI_AUTO_LENGTH, &name));
@@ -808,6 +846,48 @@ static napi_value js_session_close(napi_env env, napi_callback_info info) {
   }
   session_teardown(s);
   return NULL;
+}
+
+/*
+ * sessionNotifyInval(session, ino, offset, length) -> queued: drop the kernel's cached pages of ino in
+ * [offset, offset + length) once they are written back (length 0: to the end), from the kernel worker
+ * (never this thread: fuse_kernel_worker.c says why). False when the session has no worker (no
+ * writeback_cache) or is closed.
+ */
+static napi_value js_session_notify_inval(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  session_t *s;
+  int64_t ino, offset, length;
+  if (!get_args(env, info, 4, argv) || (s = get_session(env, argv[0])) == NULL || !get_safe_uint(env, argv[1], "ino", &ino) ||
+      !get_safe_uint(env, argv[2], "offset", &offset) || !get_safe_uint(env, argv[3], "length", &length)) {
+    return NULL;
+  }
+  bool queued = !s->closed && s->worker != NULL && kernel_worker_inval(s->worker, (uint64_t)ino, offset, length);
+  napi_value v;
+  NAPI_CALL(env, napi_get_boolean(env, queued, &v));
+  return v;
+}
+
+/*
+ * sessionWriteBack(session, path, offset, token) -> queued: write the kernel's dirty pages of the
+ * mount's file `path` (e.g. "/disk.raw") from offset to the end back to us; onEvent('written-back',
+ * '', token, errno) follows once they are. False when the session has no worker or is closed.
+ */
+static napi_value js_session_write_back(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  session_t *s;
+  char path[1024];
+  int64_t offset;
+  double token;
+  if (!get_args(env, info, 4, argv) || (s = get_session(env, argv[0])) == NULL ||
+      !get_short_string(env, argv[1], "path", path, sizeof path) || !get_safe_uint(env, argv[2], "offset", &offset) ||
+      napi_get_value_double(env, argv[3], &token) != napi_ok) {
+    return NULL;
+  }
+  bool queued = !s->closed && s->worker != NULL && kernel_worker_write_back(s->worker, path, offset, token);
+  napi_value v;
+  NAPI_CALL(env, napi_get_boolean(env, queued, &v));
+  return v;
 }
 
 /* ------------------------------------------------------------- replies */
@@ -1071,6 +1151,8 @@ bool register_fuse_session(napi_env env, napi_value exports) {
   napi_property_descriptor functions[] = {
       {"sessionMount", NULL, js_session_mount, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sessionClose", NULL, js_session_close, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sessionNotifyInval", NULL, js_session_notify_inval, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sessionWriteBack", NULL, js_session_write_back, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyErr", NULL, js_reply_err, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyNone", NULL, js_reply_none, NULL, NULL, NULL, napi_enumerable, NULL},
       {"replyAttr", NULL, js_reply_attr, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -215,7 +215,9 @@ export function parseMountOptions(specs: readonly string[]): MountOptions {
   if (directIo && kernelCache) throw invalid('mount options direct_io and kernel_cache exclude each other');
   if (options.writebackCache && options.transport !== 'session') throw invalid('mount option writeback_cache needs transport=session');
   if (options.forceShare && !options.readOnly) throw invalid('mount option force-share needs ro (QEMU: force-share=on can only be used with read-only images)');
-  options.kernelCache = directIo ? 'direct_io' : kernelCache ? 'kernel_cache' : options.compress ? 'direct_io' : 'default';
+  // A compressed mount keeps no page cache: direct_io, or with the writeback cache cached pages that
+  // the session drops once written back (session-cache.ts).
+  options.kernelCache = directIo ? 'direct_io' : kernelCache ? 'kernel_cache' : options.compress && !options.writebackCache ? 'direct_io' : 'default';
   return options;
 }
 
