@@ -6,9 +6,9 @@
  *   the kernel sees it (lookup, readdir) and keeps it for the session's life (root is 1), so the
  *   kernel's forget needs no bookkeeping (the tree is a handful of fixed files).
  * - Every request is answered exactly once (requests.ts); errors become errnos from their `code`.
- * - Data: a read is answered straight from the Buffer the handler returned; a write's Buffer is the
- *   session's own (a copy, or a receive buffer handed over whole: fuse_session.c), so the device may
- *   keep it.
+ * - Data: a read is answered straight from the Buffer the handler returned; a write's data is the
+ *   session's own (a piece of a slab of small writes, a copy, or a receive buffer handed over whole:
+ *   fuse_session.c), so the device may keep it.
  * - setattr carries truncate/ftruncate (size), utimens (times) and chmod/chown (refused).
  * - With the kernel's writeback cache, session-cache.ts's rules: generated files get an inode per
  *   size and direct_io, lseek waits for the kernel's write-back, compressed mounts drop pages.
@@ -113,6 +113,11 @@ function statfsFields(st: FsStat): StatfsFields {
 
 const ERRNO = osConstants.errno as Readonly<Record<string, number>>;
 
+/** A write's data: `bytes` bytes at `start` of the Buffer the session passed (a slab piece, or all of it). */
+function writeData(buffer: Buffer, start: number, bytes: number): Buffer {
+  return start === 0 && buffer.length === bytes ? buffer : buffer.subarray(start, start + bytes);
+}
+
 /** The reply functions the adapter answers with (the native session's; tests pass recorders). */
 export type SessionReplies = Pick<typeof fuseSession, 'replyErr' | 'replyAttr' | 'replyEntry' | 'replyOpen' | 'replyData' | 'replyWrite' |
   'replyLseek' | 'replyStatfs' | 'replyDirents'>;
@@ -165,7 +170,7 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
   function replyEntry(id: number, path: string, st: FileStat): void {
     const generated = cache.isGenerated(path, st.mode);
     const ino = generated ? inodes.inodeAtSize(path, st.size) : inodes.inodeOf(path);
-    replies.replyEntry(id, generated ? 0 : options.entryTimeout, options.attrTimeout, ...statFields(ino, st));
+    replies.replyEntry(id, generated ? 0 : options.entryTimeout, cache.attrTimeout(path, options.attrTimeout), ...statFields(ino, st));
   }
 
   async function opendir(path: string): Promise<void> {
@@ -187,10 +192,11 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
         return serve('lookup', id, child, none, (p) => handlers.getattr(p), (st) => replyEntry(id, child(), st));
       }
       case OP.GETATTR:
-        return serve('getattr', id, path, none, (p) => handlers.getattr(p), (st) => replies.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
+        return serve('getattr', id, path, none, (p) => handlers.getattr(p),
+          (st) => replies.replyAttr(id, cache.attrTimeout(path(), options.attrTimeout), ...statFields(ino, st)));
       case OP.SETATTR:
         return serve('setattr', id, path, () => ` valid=0x${n1.toString(16)} size=${n2}`, (p) => setattr(p, fh, n1, n2, n3, extra as number),
-          (st) => replies.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
+          (st) => replies.replyAttr(id, cache.attrTimeout(path(), options.attrTimeout), ...statFields(ino, st)));
       case OP.OPEN:
         return serve('open', id, path, () => ` flags=0x${n1.toString(16)}`, (p) => handlers.open(p, n1),
           (newFh) => replies.replyOpen(id, newFh, directIo || cache.isGenerated(path()), keepCache));
@@ -201,7 +207,7 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
           cache.read(ino, n2, length);
         });
       case OP.WRITE:
-        return serve('write', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.write(p, fh, extra as Buffer, n2), (written) => {
+        return serve('write', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.write(p, fh, writeData(extra as Buffer, n3, n1), n2), (written) => {
           replies.replyWrite(id, written);
           cache.written(ino, n2, written);
         });

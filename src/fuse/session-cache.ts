@@ -9,6 +9,7 @@
  *   lookups are not cached (entry timeout 0): a stat after a change looks the name up again, sees a
  *   new inode and its true size. They are opened direct_io, so reads go to the daemon, not stopping
  *   at an inode's first-seen size.
+ * - The raw file's attributes are cached WRITEBACK_ATTR_TIMEOUT_S at least (see there).
  * - SEEK_DATA/SEEK_HOLE on the raw file are answered from the image's map, which cannot see the
  *   kernel's dirty pages: the kernel writes them back (from the seek offset on) first.
  * - A compressed mount must leave no page cache behind (its data is written to the image once, and
@@ -21,6 +22,14 @@
  */
 const S_IFMT = 0o170000;
 const S_IFREG = 0o100000;
+
+/**
+ * Attribute timeout of the raw file with the writeback cache, seconds (at least). The kernel refreshes
+ * the attributes before every write(2) once they time out — with the default of 0 a GETATTR round trip
+ * per 4 KiB write, as costly as the WRITE the cache saves — while size and times are the kernel's own
+ * in this mode; what a GETATTR still brings is st_blocks, so `du` may lag this long.
+ */
+export const WRITEBACK_ATTR_TIMEOUT_S = 1;
 
 /** Bytes read after a read range before that range's pages are dropped (compressed mounts). */
 export const READ_BEHIND_BYTES = 8 * 1024 * 1024;
@@ -82,6 +91,11 @@ export class KernelCacheRules {
   isGenerated(path: string, mode?: number): boolean {
     return this.options.writebackCache && path !== this.options.rawPath && path.lastIndexOf('/') === 0 &&
       (mode === undefined || (mode & S_IFMT) === S_IFREG);
+  }
+
+  /** How long the kernel may cache `path`'s attributes, given the mount's attr_timeout. */
+  attrTimeout(path: string, mountSeconds: number): number {
+    return this.options.writebackCache && path === this.options.rawPath ? Math.max(mountSeconds, WRITEBACK_ATTR_TIMEOUT_S) : mountSeconds;
   }
 
   /** A WRITE of [pos, pos + bytes) to `ino` was answered (its pages are written back). */
