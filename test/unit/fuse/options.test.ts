@@ -53,8 +53,9 @@ describe('parseMountOptions', () => {
 
   it('has the kernel writeback cache by default on read-write, uncompressed, not direct_io session mounts; no_writeback_cache turns it off', () => {
     const wb = (...specs: string[]) => parseMountOptions(specs).writebackCache;
-    expect([wb(), wb('kernel_cache'), wb('cache=none'), wb('no_writeback_cache'), wb('ro'), wb('compress'), wb('direct_io')])
-      .toEqual([true, true, true, false, false, false, false]);
+    expect([wb(), wb('kernel_cache'), wb('cache=none'), wb('no_writeback_cache'), wb('ro'), wb('compress'), wb('direct_io'), wb('nogrow')])
+      .toEqual([true, true, true, false, false, false, false, false]);
+    expect(code(() => parseMountOptions(['nogrow,writeback_cache']))).toMatch(/^EINVAL: mount options writeback_cache and nogrow exclude each other/);
     expect([wb('compress,writeback_cache'), wb('ro,writeback_cache'), wb('writeback_cache', 'no_writeback_cache')]).toEqual([true, true, false]);
     expect(parseMountOptions(['compress']).kernelCache).toBe('direct_io');
     expect(parseMountOptions(['compress,writeback_cache']).kernelCache).toBe('default');
