@@ -34,14 +34,14 @@
  */
 import { mkdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   chaseWriter, checkIngested, createEmptyImage, envByteCount, expectSuccess, IngestMount, MiB, openResidencyProbe, peakRssBytes,
   qemuImgConvertCompressed, residentBytes, start, writeOnesFile, type ChaseResult, type Codec,
 } from '../helpers/compress-ingest.js';
 import { makeExt4Image } from '../helpers/files.js';
 import { qemuImgCheckClean, qemuImgInfo, type QemuImgCheckReport } from '../helpers/qemu.js';
-import { tempDir } from '../helpers/tmp.js';
+import { makeTempDir, removeTempDir, tempDir } from '../helpers/tmp.js';
 import { findTool, requireFuse, requireTools } from '../helpers/tools.js';
 import { checkBuild } from './mount-harness.js';
 
@@ -230,11 +230,16 @@ describe.skipIf(!ready)('cp and dd into an empty compressed mount with -o writeb
   let dir: string;
   let src: string;
 
+  // makeTempDir, not tempDir: a beforeAll after another describe's tests would register the directory
+  // with the test that ran last, which removes it after the next test.
   beforeAll(async () => {
     await checkBuild();
-    dir = await tempDir('compress-ingest-wb');
+    dir = await makeTempDir('compress-ingest-wb');
     src = join(dir, 'src.raw');
     await makeExt4Image(src, { sizeBytes: SRC_BYTES, stagingDir: join(dir, 'staging') });
+  });
+  afterAll(async () => {
+    await removeTempDir(dir);
   });
 
   it.each(WORKLOADS.slice(1, 3))('zstd, $name: clean, identical, compressed; pending reads see the data; disk.raw keeps ≤ 2% of the data cached', async (workload) => {
