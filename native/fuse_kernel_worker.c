@@ -17,8 +17,10 @@
  *
  * Notifications go out on the worker's own dup() of the /dev/fuse fd, so a stopped session can free
  * its libfuse state at once: the thread finishes the job it is in, drops the rest, closes its fd and
- * frees the worker. (A notification still waiting on writeback when the session is torn down while
- * mounted keeps the connection open until that writeback ends or the process exits.)
+ * frees the worker. (A job still waiting on the mount when the session is torn down while mounted —
+ * a notification on pages under writeback, a write-back's open — keeps the connection open through
+ * that dup until the process exits; the daemon tears its session down after the unmount, when no
+ * job can be waiting.)
  */
 #include "qcow2fuse.h"
 
