@@ -7,7 +7,7 @@
   "targets": [
     {
       "target_name": "qcow2fuse_native",
-      "sources": ["addon.c", "util.c", "jobs.c", "aligned.c", "file.c", "codecs.c", "aio.c", "threadio.c", "fuse_session.c"],
+      "sources": ["addon.c", "util.c", "jobs.c", "aligned.c", "file.c", "codecs.c", "aio.c", "threadio.c", "fuse_session.c", "fuse_kernel_worker.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"],
       "defines": ["_GNU_SOURCE", "NAPI_VERSION=8"],
       "include_dirs": ["<!@(pkg-config --cflags-only-I fuse3 | sed s/-I//g)"],

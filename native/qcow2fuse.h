@@ -79,6 +79,22 @@ bool job_hold(napi_env env, job_t *job, int slot, napi_value value);
 /* Queue a prepared job; returns its promise (NULL with an exception pending, job freed). */
 napi_value job_queue(napi_env env, job_t *job, const char *resource_name);
 
+/* ------------------------------------ fuse_kernel_worker.c: a FUSE session's kernel-side thread */
+
+#include <uv.h>
+
+typedef struct kernel_worker kernel_worker_t;
+/* Called on the loop thread when a write-back job ends (err 0 or an errno). */
+typedef void (*kernel_worker_done_fn)(void *ctx, double token, int err);
+/* Start the thread for a session: its /dev/fuse fd (dup'ed) and mountpoint. NULL on failure. */
+kernel_worker_t *kernel_worker_start(uv_loop_t *loop, int fuse_fd, const char *mountpoint, kernel_worker_done_fn done, void *ctx);
+/* Queue FUSE_NOTIFY_INVAL_INODE for [offset, offset + length) of ino (length 0: to the end). */
+bool kernel_worker_inval(kernel_worker_t *w, uint64_t ino, int64_t offset, int64_t length);
+/* Queue a write-back of the kernel's dirty pages of mountpoint/path from offset on; done(token, err) follows. */
+bool kernel_worker_write_back(kernel_worker_t *w, const char *path, int64_t offset, double token);
+/* Loop thread: no more jobs nor callbacks; the thread frees everything once its current job ends. */
+void kernel_worker_stop(kernel_worker_t *w);
+
 /* ---------------------------------------------------------- parts: registration */
 
 bool register_aligned(napi_env env, napi_value exports);

@@ -96,7 +96,6 @@ export class MountSession {
       const handlers = createHandlers(device, {
         readOnly: options.readOnly, nogrow: options.nogrow, rawName: options.name,
         statfsPath: dirname(image), uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, capture: req.capture,
-        kernelWritebackCache: options.writebackCache,
       });
       const { adapter, mount } = await MountSession.mountTransport(mountpoint, image, handlers, options, log, req.pollIntervalMs);
       log(`mounted ${image} on ${mountpoint}${options.readOnly ? ' (read-only)' : ''} (transport ${options.transport})`);
@@ -119,6 +118,7 @@ export class MountSession {
     }
     const adapter = createSessionAdapter(handlers, {
       onError, attrTimeout: options.attrTimeout, entryTimeout: options.entryTimeout, kernelCache: options.kernelCache,
+      writebackCache: options.writebackCache, dropCachedData: options.writebackCache && options.compress, rawPath: `/${options.name}`,
     });
     const mount = await mountSession(mountpoint, adapter, libfuse3Options(options, image), options.readaheadBytes, options.writebackCache);
     return { adapter, mount };

@@ -88,12 +88,6 @@ export interface OpsOptions {
   capture?: CaptureOptions;
   /** statvfs of a host path; default fs-ext's statVFS. */
   statVfs?: StatVfs;
-  /**
-   * The kernel caches writes (-o writeback_cache): data may still be dirty in its page cache, where
-   * the image's map cannot see it, so SEEK_DATA/SEEK_HOLE answer ENOSYS and the kernel falls back to
-   * its own answer (all data, a hole only at the end) for the rest of the mount.
-   */
-  kernelWritebackCache?: boolean;
 }
 
 /** Every operation the mount implements, as async handlers that throw coded errors. */
@@ -341,7 +335,6 @@ class MountOps implements FsHandlers {
 
   async lseek(path: string, fh: number, offset: number, whence: number): Promise<number> {
     const h = this.handle(path, fh);
-    if (this.options.kernelWritebackCache === true) throw fsError('ENOSYS', `${path}: SEEK_DATA/SEEK_HOLE cannot see the kernel's writeback cache`);
     switch (h.kind) {
       case 'raw': return this.raw.seek(path, offset, whence);
       case 'content': return seekWithin(path, h.content.snapshot.size, offset, whence, async (at, target) => (target === 'data' ? at : undefined));

@@ -48,33 +48,36 @@ export function createRequestTracker(options: TrackerOptions = {}): RequestTrack
   function run<T>(op: string, key: number, pathOf: () => string, detail: () => string, work: (path: string) => Promise<T>,
     reply: (result: T) => void, replyError: (errno: number) => void): void {
     let answered = false;
-    let path = `#${key}`;
+    // The request's key until its path is known (formatted only when traced or reported).
+    let path: string | undefined;
+    const shown = () => path ?? `#${key}`;
     const start = trace.enabled ? performance.now() : 0;
     inFlight++;
     const finish = (answer: () => void, outcome: string) => {
       if (answered) {
-        trace('BUG: second answer to %s %s dropped (%s)', op, path, outcome);
+        trace('BUG: second answer to %s %s dropped (%s)', op, shown(), outcome);
         return;
       }
       answered = true;
-      if (trace.enabled) trace('%s %s%s → %s (%sms)', op, path, detail(), outcome, (performance.now() - start).toFixed(2));
+      if (trace.enabled) trace('%s %s%s → %s (%sms)', op, shown(), detail(), outcome, (performance.now() - start).toFixed(2));
       try {
         answer();
       } catch (err) {
-        trace('%s %s: the kernel did not take the answer: %s', op, path, err instanceof Error ? err.message : String(err));
+        trace('%s %s: the kernel did not take the answer: %s', op, shown(), err instanceof Error ? err.message : String(err));
       } finally {
         settle();
       }
     };
     const fail = (err: unknown) => {
       const errno = errnoName(err);
-      if (REPORTED.has(errno)) options.onError?.(op, path, err, errno);
+      if (REPORTED.has(errno)) options.onError?.(op, shown(), err, errno);
       finish(() => replyError(errnoNumber(errno) as number), `${errno}${err instanceof Error ? `: ${err.message}` : ''}`);
     };
     let pending: Promise<T>;
     try {
-      path = pathOf();
-      pending = work(path);
+      const resolved = pathOf();
+      path = resolved;
+      pending = work(resolved);
     } catch (err) {
       fail(err);
       return;

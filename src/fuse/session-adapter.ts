@@ -6,10 +6,12 @@
  *   the kernel sees it (lookup, readdir) and keeps it for the session's life (root is 1), so the
  *   kernel's forget needs no bookkeeping (the tree is a handful of fixed files).
  * - Every request is answered exactly once (requests.ts); errors become errnos from their `code`.
- * - Data: a read is answered straight from the Buffer the handler returned; a write's Buffer is the
- *   session's own (a copy, or a receive buffer handed over whole: fuse_session.c), so the device may
- *   keep it.
+ * - Data: a read is answered straight from the Buffer the handler returned; a write's data is the
+ *   session's own (a piece of a slab of small writes, a copy, or a receive buffer handed over whole:
+ *   fuse_session.c), so the device may keep it.
  * - setattr carries truncate/ftruncate (size), utimens (times) and chmod/chown (refused).
+ * - With the kernel's writeback cache, session-cache.ts's rules: generated files get an inode per
+ *   size and direct_io, lseek waits for the kernel's write-back, compressed mounts drop pages.
  */
 import { constants as osConstants } from 'node:os';
 import { fuseSession, type FuseDispatch, type StatFields, type StatfsFields } from '../io/native.js';
@@ -17,6 +19,9 @@ import { fsError } from './errno.js';
 import type { FileStat, FsHandlers, FsStat } from './ops.js';
 import type { KernelCacheMode } from './options.js';
 import { createRequestTracker, type RequestTracker, type TrackerOptions } from './requests.js';
+import { KernelCacheRules, type KernelCache } from './session-cache.js';
+
+export type { KernelCache } from './session-cache.js';
 
 const OP = fuseSession.OP;
 const ROOT_INO = 1;
@@ -31,6 +36,12 @@ export interface SessionAdapterOptions extends TrackerOptions {
   entryTimeout: number;
   /** How opened files are cached by the kernel (direct_io / keep_cache per open). */
   kernelCache: KernelCacheMode;
+  /** The mount has the kernel's writeback cache (session-cache.ts); default false. */
+  writebackCache?: boolean;
+  /** With writebackCache: drop pages once written back or read (compressed mounts). */
+  dropCachedData?: boolean;
+  /** Path of the raw file ("/disk.raw"); needed with writebackCache. */
+  rawPath?: string;
 }
 
 export interface SessionAdapter {
@@ -40,13 +51,29 @@ export interface SessionAdapter {
   inFlight(): number;
   /** Resolves once no request is in flight. */
   drained(): Promise<void>;
+  /** The mount's kernel cache (session.ts, with writeback_cache). */
+  attachKernelCache(kernel: KernelCache): void;
 }
 
-/** Stable inode numbers for paths. */
+/** Stable inode numbers for paths (and, for generated files, for each size a path is seen with). */
 class InodeTable {
   private readonly byPath = new Map<string, number>([['/', ROOT_INO]]);
   private readonly byIno = new Map<number, string>([[ROOT_INO, '/']]);
+  private readonly bySizedPath = new Map<string, number>();
   private next = ROOT_INO + 1;
+
+  /** The inode of `path` at `size`: a new one the first time the path has that size, and the path's own from then on. */
+  inodeAtSize(path: string, size: number): number {
+    const key = `${size}:${path}`;
+    let ino = this.bySizedPath.get(key);
+    if (ino === undefined) {
+      ino = this.next++;
+      this.bySizedPath.set(key, ino);
+      this.byIno.set(ino, path);
+    }
+    this.byPath.set(path, ino);
+    return ino;
+  }
 
   inodeOf(path: string): number {
     let ino = this.byPath.get(path);
@@ -86,6 +113,11 @@ function statfsFields(st: FsStat): StatfsFields {
 
 const ERRNO = osConstants.errno as Readonly<Record<string, number>>;
 
+/** A write's data: `bytes` bytes at `start` of the Buffer the session passed (a slab piece, or all of it). */
+function writeData(buffer: Buffer, start: number, bytes: number): Buffer {
+  return start === 0 && buffer.length === bytes ? buffer : buffer.subarray(start, start + bytes);
+}
+
 /** The reply functions the adapter answers with (the native session's; tests pass recorders). */
 export type SessionReplies = Pick<typeof fuseSession, 'replyErr' | 'replyAttr' | 'replyEntry' | 'replyOpen' | 'replyData' | 'replyWrite' |
   'replyLseek' | 'replyStatfs' | 'replyDirents'>;
@@ -96,6 +128,9 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
   const tracker: RequestTracker = createRequestTracker(options);
   const directIo = options.kernelCache === 'direct_io';
   const keepCache = options.kernelCache === 'kernel_cache';
+  const cache = new KernelCacheRules({
+    writebackCache: options.writebackCache ?? false, dropCachedData: options.dropCachedData ?? false, rawPath: options.rawPath ?? '',
+  });
   const fail = (id: number) => (errno: number) => replies.replyErr(id, errno);
   const ok = (id: number) => () => replies.replyErr(id, 0);
 
@@ -131,6 +166,13 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
     return { names, inos, modes };
   }
 
+  /** A lookup's answer: generated files (writeback cache) get an inode per size and no entry caching. */
+  function replyEntry(id: number, path: string, st: FileStat): void {
+    const generated = cache.isGenerated(path, st.mode);
+    const ino = generated ? inodes.inodeAtSize(path, st.size) : inodes.inodeOf(path);
+    replies.replyEntry(id, generated ? 0 : options.entryTimeout, cache.attrTimeout(path, options.attrTimeout), ...statFields(ino, st));
+  }
+
   async function opendir(path: string): Promise<void> {
     const st = await handlers.getattr(path);
     if ((st.mode & S_IFDIR) === 0) throw fsError('ENOTDIR', `${path}: not a directory`);
@@ -147,27 +189,35 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
     switch (op) {
       case OP.LOOKUP: {
         const child = () => inodes.child(ino, extra as string);
-        return serve('lookup', id, child, none, (p) => handlers.getattr(p),
-          (st) => replies.replyEntry(id, options.entryTimeout, options.attrTimeout, ...statFields(inodes.inodeOf(child()), st)));
+        return serve('lookup', id, child, none, (p) => handlers.getattr(p), (st) => replyEntry(id, child(), st));
       }
       case OP.GETATTR:
-        return serve('getattr', id, path, none, (p) => handlers.getattr(p), (st) => replies.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
+        return serve('getattr', id, path, none, (p) => handlers.getattr(p),
+          (st) => replies.replyAttr(id, cache.attrTimeout(path(), options.attrTimeout), ...statFields(ino, st)));
       case OP.SETATTR:
         return serve('setattr', id, path, () => ` valid=0x${n1.toString(16)} size=${n2}`, (p) => setattr(p, fh, n1, n2, n3, extra as number),
-          (st) => replies.replyAttr(id, options.attrTimeout, ...statFields(ino, st)));
+          (st) => replies.replyAttr(id, cache.attrTimeout(path(), options.attrTimeout), ...statFields(ino, st)));
       case OP.OPEN:
         return serve('open', id, path, () => ` flags=0x${n1.toString(16)}`, (p) => handlers.open(p, n1),
-          (newFh) => replies.replyOpen(id, newFh, directIo, keepCache));
+          (newFh) => replies.replyOpen(id, newFh, directIo || cache.isGenerated(path()), keepCache));
       case OP.READ:
-        return serve('read', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.read(p, fh, n1, n2),
-          (data) => replies.replyData(id, data, Math.min(data.length, n1)));
+        return serve('read', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.read(p, fh, n1, n2), (data) => {
+          const length = Math.min(data.length, n1);
+          replies.replyData(id, data, length);
+          cache.read(ino, n2, length);
+        });
       case OP.WRITE:
-        return serve('write', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.write(p, fh, extra as Buffer, n2),
-          (written) => replies.replyWrite(id, written));
+        return serve('write', id, path, () => ` fh=${fh} pos=${n2} len=${n1}`, (p) => handlers.write(p, fh, writeData(extra as Buffer, n3, n1), n2), (written) => {
+          replies.replyWrite(id, written);
+          cache.written(ino, n2, written);
+        });
       case OP.FLUSH:
         return serve('flush', id, path, () => ` fh=${fh}`, (p) => handlers.flush(p, fh), ok(id));
       case OP.RELEASE:
-        return serve('release', id, path, () => ` fh=${fh}`, (p) => handlers.release(p, fh), ok(id));
+        return serve('release', id, path, () => ` fh=${fh}`, (p) => handlers.release(p, fh), () => {
+          replies.replyErr(id, 0);
+          cache.released(ino);
+        });
       case OP.FSYNC:
         return serve('fsync', id, path, () => ` fh=${fh} datasync=${n1}`, (p) => handlers.fsync(p, n1 !== 0, fh), ok(id));
       case OP.OPENDIR:
@@ -180,8 +230,10 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
         return serve('fallocate', id, path, () => ` fh=${fh} mode=0x${n1.toString(16)} off=${n2} len=${n3}`,
           (p) => handlers.fallocate(p, fh, n1, n2, n3), ok(id));
       case OP.LSEEK:
-        return serve('lseek', id, path, () => ` fh=${fh} off=${n1} whence=${n2}`, (p) => handlers.lseek(p, fh, n1, n2),
-          (offset) => replies.replyLseek(id, offset));
+        return serve('lseek', id, path, () => ` fh=${fh} off=${n1} whence=${n2}`, async (p) => {
+          await cache.beforeSeek(p, n1);
+          return handlers.lseek(p, fh, n1, n2);
+        }, (offset) => replies.replyLseek(id, offset));
       default: {
         const refused = refusals.get(op);
         if (refused !== undefined) {
@@ -192,5 +244,5 @@ export function createSessionAdapter(handlers: FsHandlers, options: SessionAdapt
     }
   };
 
-  return { dispatch, inFlight: () => tracker.inFlight(), drained: () => tracker.drained() };
+  return { dispatch, inFlight: () => tracker.inFlight(), drained: () => tracker.drained(), attachKernelCache: (kernel) => cache.attach(kernel) };
 }

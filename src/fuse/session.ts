@@ -14,10 +14,52 @@
 import createDebug from 'debug';
 import { fuseSession, type FuseSessionHandle } from '../io/native.js';
 import { readMounts, isMountPresent } from './mountinfo.js';
+import { fsError } from './errno.js';
 import { fusermountUnmount, libfuseDebug, MountError, setReadahead, type TransportMount } from './transport.js';
-import type { SessionAdapter } from './session-adapter.js';
+import type { KernelCache, SessionAdapter } from './session-adapter.js';
 
 const trace = createDebug('qcow2fuse:session');
+
+/**
+ * The kernel's page cache of a session mounted with writeback_cache, driven through the session's
+ * kernel thread (native/fuse_kernel_worker.c): drops and write-backs the daemon asks for.
+ */
+class SessionKernelCache implements KernelCache {
+  private nextToken = 1;
+  private readonly pending = new Map<number, { resolve: () => void; reject: (err: Error) => void }>();
+
+  constructor(private readonly handle: FuseSessionHandle) {}
+
+  dropPages(ino: number, offsetBytes: number, lengthBytes: number): void {
+    fuseSession.notifyInval(this.handle, ino, offsetBytes, lengthBytes);
+  }
+
+  writeBack(path: string, offsetBytes: number): Promise<void> {
+    const token = this.nextToken++;
+    return new Promise((resolve, reject) => {
+      if (!fuseSession.writeBack(this.handle, path, offsetBytes, token)) {
+        reject(fsError('EIO', `${path}: the session is closed, its kernel cache cannot be written back`));
+        return;
+      }
+      this.pending.set(token, { resolve, reject });
+    });
+  }
+
+  /** A write-back ended (the session's 'written-back' event). */
+  settle(token: number, errno: number): void {
+    const waiter = this.pending.get(token);
+    if (waiter === undefined) return;
+    this.pending.delete(token);
+    if (errno === 0) waiter.resolve();
+    else waiter.reject(fsError('EIO', `writing the kernel's cached pages back failed (errno ${errno})`));
+  }
+
+  /** The session closed: nothing pending will end. */
+  abandon(): void {
+    for (const waiter of this.pending.values()) waiter.reject(fsError('EIO', 'the FUSE session closed'));
+    this.pending.clear();
+  }
+}
 
 /** One live mount served by our session. */
 export class SessionMount implements TransportMount {
@@ -25,7 +67,8 @@ export class SessionMount implements TransportMount {
   private ended: string | undefined;
   private readonly onEnd: ((why: string) => void)[] = [];
 
-  constructor(readonly mountpoint: string, readonly mountId: number, private readonly handle: FuseSessionHandle) {}
+  constructor(readonly mountpoint: string, readonly mountId: number, private readonly handle: FuseSessionHandle,
+    private readonly kernelCache: SessionKernelCache | undefined) {}
 
   /** Called by the session's event callback when it ended by itself. */
   noteEnded(why: string): void {
@@ -61,12 +104,14 @@ export class SessionMount implements TransportMount {
     if (this.released) return;
     this.released = true;
     fuseSession.close(this.handle);
+    this.kernelCache?.abandon();
   }
 }
 
 /**
  * Mount `adapter` on `mountpoint` (a checked, real path) with libfuse3 mount options `options` (and
- * the kernel's writeback cache if asked); resolves once the kernel has initialised the connection and the mount is in the mount table.
+ * the kernel's writeback cache if asked: the adapter then gets the mount's KernelCache); resolves
+ * once the kernel has initialised the connection and the mount is in the mount table.
  */
 export async function mountSession(mountpoint: string, adapter: SessionAdapter, options: readonly string[],
   readaheadBytes?: number, writebackCache = false): Promise<SessionMount> {
@@ -76,8 +121,10 @@ export async function mountSession(mountpoint: string, adapter: SessionAdapter, 
   const live = new Promise<void>((resolve, reject) => {
     init = { resolve, reject };
   });
-  const onEvent = (kind: string, detail: string) => {
-    if (kind === 'init') init.resolve();
+  let kernelCache: SessionKernelCache | undefined;
+  const onEvent = (kind: string, detail: string, token: number, errno: number) => {
+    if (kind === 'written-back') kernelCache?.settle(token, errno);
+    else if (kind === 'init') init.resolve();
     else if (kind === 'exited') {
       init.reject(new MountError('EIO', `cannot mount on ${mountpoint}: the FUSE session ended before the mount was live (${detail})`));
       mount?.noteEnded(detail);
@@ -90,15 +137,20 @@ export async function mountSession(mountpoint: string, adapter: SessionAdapter, 
     const code = (err as { code?: unknown }).code;
     throw new MountError(typeof code === 'string' ? code : 'EIO', `cannot mount on ${mountpoint}: ${(err as Error).message}`, {}, err);
   }
+  if (writebackCache) {
+    kernelCache = new SessionKernelCache(handle);
+    adapter.attachKernelCache(kernelCache);
+  }
   try {
     await live;
     const entry = (await readMounts()).filter((m) => m.mountPoint === mountpoint && !before.has(m.mountId)).at(-1);
     if (entry === undefined) throw new MountError('EIO', `mounted on ${mountpoint}, but the mount is not in /proc/self/mountinfo`);
     if (readaheadBytes !== undefined) await setReadahead(entry.device, readaheadBytes);
-    mount = new SessionMount(mountpoint, entry.mountId, handle);
+    mount = new SessionMount(mountpoint, entry.mountId, handle, kernelCache);
     return mount;
   } catch (err) {
     fuseSession.close(handle);
+    kernelCache?.abandon();
     throw err;
   }
 }

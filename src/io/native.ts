@@ -54,9 +54,11 @@ interface NativeAddon {
     onComplete: (count: number) => void): ThreadIoHandle;
   threadIoSubmit(handle: ThreadIoHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
   preadNowait(fd: number, view: ArrayBufferView, offset: number): number;
-  sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
+  sessionMount(mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: FuseSessionEvent,
     writebackCache: boolean): FuseSessionHandle;
   sessionClose(session: FuseSessionHandle): void;
+  sessionNotifyInval(session: FuseSessionHandle, ino: number, offset: number, length: number): boolean;
+  sessionWriteBack(session: FuseSessionHandle, path: string, offset: number, token: number): boolean;
   replyErr: (id: number, errno: number) => number;
   replyNone: (id: number) => void;
   replyAttr: (id: number, timeout: number, ...stat: StatFields) => number;
@@ -71,6 +73,12 @@ interface NativeAddon {
   FALLOC: { DEFAULT: number; KEEP_SIZE: number; PUNCH_HOLE: number; ZERO_RANGE: number };
   FADVISE: { NORMAL: number; RANDOM: number; SEQUENTIAL: number; WILLNEED: number; DONTNEED: number; NOREUSE: number };
 }
+
+/**
+ * Events of a FUSE session: 'init' (the mount is live), 'exited' (detail: why), 'written-back' (a
+ * sessionWriteBack with this token ended; errno 0 or the failure's errno).
+ */
+export type FuseSessionEvent = (kind: string, detail: string, token: number, errno: number) => void;
 
 /** A FUSE session of the addon (opaque). */
 export type FuseSessionHandle = { readonly __brand: 'FuseSessionHandle' };
@@ -278,9 +286,13 @@ export function errorCodeOf(error: unknown): string | undefined {
  * event loop. Used by src/fuse/session.ts only.
  */
 export const fuseSession = Object.freeze({
-  mount: (mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: (kind: string, detail: string) => void,
+  mount: (mountpoint: string, args: readonly string[], dispatch: FuseDispatch, onEvent: FuseSessionEvent,
     writebackCache = false) => addon.sessionMount(mountpoint, args, dispatch, onEvent, writebackCache),
   close: (session: FuseSessionHandle) => addon.sessionClose(session),
+  /** (writeback_cache) Drop the kernel's cached pages of `ino` in a range, from the session's kernel thread. */
+  notifyInval: (session: FuseSessionHandle, ino: number, offset: number, length: number) => addon.sessionNotifyInval(session, ino, offset, length),
+  /** (writeback_cache) Have the kernel write its dirty pages of `path` from `offset` on back; 'written-back' follows. */
+  writeBack: (session: FuseSessionHandle, path: string, offset: number, token: number) => addon.sessionWriteBack(session, path, offset, token),
   replyErr: addon.replyErr,
   replyNone: addon.replyNone,
   replyAttr: addon.replyAttr,

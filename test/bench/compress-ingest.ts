@@ -25,6 +25,10 @@
  * cache created (image + mount file, per file: the noise-free form of Δcache−src) ≤ 2% of the data and
  * image cache ≤ 1% of the image — and a violation is reported as a failed "bounds" row.
  *
+ * Ours runs as mounted by default (disk.raw direct_io) and with `-o writeback_cache` (the kernel
+ * caches the writes, the session drops the pages once written back). Subsets: BENCH_INGEST_TOOLS,
+ * BENCH_INGEST_CODECS, BENCH_INGEST_DATASETS (see selected()).
+ *
  * BENCH_INGEST_CPU_PROF=DIR runs our daemon with `node --cpu-prof --cpu-prof-dir=DIR` (one profile per
  * mount, written when it exits); UV_THREADPOOL_SIZE and DEBUG pass through to it.
  */
@@ -127,16 +131,17 @@ const qemuImgConvert: Case = {
   },
 };
 
-/** Our mount: an empty image (size 0 for cp, which grows it; the data set's size for dd), -o compress. */
-function ours(tool: string, client: (src: string, disk: string) => [string, string[]], grows: boolean): Case {
+/** Our mount: an empty image (size 0 for cp, which grows it; the data set's size for dd), -o compress (and `extra`). */
+function ours(tool: string, client: (src: string, disk: string) => [string, string[]], grows: boolean, extra: string[] = []): Case {
+  const options = ['compress', ...extra];
   return {
-    tool: `qcow2fuse -o compress: ${tool}`,
+    tool: `qcow2fuse -o ${options.join(',')}: ${tool}`,
     async run(ctx, data, codec, image) {
       await createEmptyImage(image, grows ? 0 : data.bytes, codec);
       const profileDir = process.env.BENCH_INGEST_CPU_PROF;
       const nodeArgs = profileDir === undefined || profileDir === '' ? [] : ['--cpu-prof', `--cpu-prof-dir=${profileDir}`];
       const m = new IngestMount(image, join(ctx.dir, 'mnt'), join(ctx.dir, 'run'), {}, nodeArgs);
-      const pid = await m.mount(['compress']);
+      const pid = await m.mount(options);
       try {
         const cpuBefore = await cpuSeconds(pid);
         const measured = await measure(ctx, data, image, async () => {
@@ -188,14 +193,28 @@ function qsd(direct: 'on' | 'off'): Case {
   };
 }
 
+const ddInto = (bs: string) => (src: string, disk: string): [string, string[]] => ['dd', [`if=${src}`, `of=${disk}`, `bs=${bs}`, 'conv=notrunc,fsync', 'status=none']];
+
 const CASES: Case[] = [
   qemuImgConvert,
   ours('cp', (src, disk) => ['cp', [src, disk]], true),
-  ours('dd bs=1M', (src, disk) => ['dd', [`if=${src}`, `of=${disk}`, 'bs=1M', 'conv=notrunc,fsync', 'status=none']], false),
-  ours('dd bs=4k', (src, disk) => ['dd', [`if=${src}`, `of=${disk}`, 'bs=4k', 'conv=notrunc,fsync', 'status=none']], false),
+  ours('dd bs=1M', ddInto('1M'), false),
+  ours('dd bs=4k', ddInto('4k'), false),
+  ours('cp', (src, disk) => ['cp', [src, disk]], true, ['writeback_cache']),
+  ours('dd bs=1M', ddInto('1M'), false, ['writeback_cache']),
+  ours('dd bs=4k', ddInto('4k'), false, ['writeback_cache']),
   qsd('off'),
   qsd('on'),
 ];
+
+/**
+ * The subsets to run: BENCH_INGEST_TOOLS (comma-separated substrings of the tool names; the
+ * reference always runs), BENCH_INGEST_CODECS (zlib,zstd) and BENCH_INGEST_DATASETS (ext4,ones).
+ */
+function selected<T>(variable: string, all: readonly T[], name: (item: T) => string, keep: (item: T) => boolean = () => false): T[] {
+  const wanted = (process.env[variable] ?? '').split(',').map((w) => w.trim()).filter((w) => w !== '');
+  return wanted.length === 0 ? [...all] : all.filter((item) => keep(item) || wanted.some((w) => name(item).includes(w)));
+}
 
 async function makeDatasets(ctx: BenchContext): Promise<Dataset[]> {
   const ext4Bytes = ctx.envBytes('BENCH_INGEST_BYTES', 2 * GiB);
@@ -217,15 +236,17 @@ export const benchmark: Benchmark = {
     'qemu-storage-daemon FUSE export over a compress filter (dd bs=1M, cache.direct=off/on); 2 GiB ext4 (BENCH_INGEST_BYTES) and ' +
     '1 GiB of 0xFF (BENCH_INGEST_ONES_BYTES); zlib and zstd; cold cache, durable (fsync) times; Δcache−src = Cached: growth minus fincore SRC.',
   async run(ctx) {
-    const datasets = await makeDatasets(ctx);
+    const datasets = selected('BENCH_INGEST_DATASETS', await makeDatasets(ctx), (d) => d.kind);
+    const cases = selected('BENCH_INGEST_TOOLS', CASES, (c) => c.tool, (c) => c.reference === true);
+    const codecs = selected('BENCH_INGEST_CODECS', ['zlib', 'zstd'] as const, (c) => c);
     const image = join(ctx.dir, 'out.qcow2');
     const rows: BenchRow[] = [];
     for (let rep = 1; rep <= ctx.reps; rep++) {
       for (const data of datasets) {
-        for (const codec of ['zlib', 'zstd'] as const) {
+        for (const codec of codecs) {
           const workload = `ingest ${data.label}, ${codec}`;
           let referenceBytes: number | undefined;
-          for (const c of CASES) {
+          for (const c of cases) {
             await rm(image, { force: true });
             ctx.log(`compress-ingest rep ${rep}: ${workload}: ${c.tool} (load ${await load1()})`);
             const row: BenchRow = { workload, tool: c.tool, reference: c.reference === true, rep, seconds: 0, bytes: data.bytes };

@@ -10,6 +10,8 @@
  * - write: `dd bs=1M` and `dd bs=4k` (conv=notrunc,fsync) of that file system image into an empty
  *   image of its size (`qemu-img create` for qsd, `qcow2fuse create` for ours). Every image gets
  *   `qemu-img check`; rep 1 also `qemu-img compare` against the source.
+ * Ours runs twice: as mounted by default (read-write: the kernel's writeback cache, which caches
+ * writes and sends them coalesced) and with `-o no_writeback_cache` (every write(2) one request).
  * - fio: 4 KiB random read/write (randrw 50/50, libaio, iodepth 16, O_DIRECT) over the first
  *   BENCH_MOUNTIO_FIO_BYTES (default 512 MiB) of a copy of the uncompressed image, that many bytes
  *   in all (capped at 300 s). The time is fio's own job run time.
@@ -70,6 +72,16 @@ function tools(dir: string): Tool[] {
       start: async (image, writable) => {
         await mkdir(ourDir, { recursive: true });
         return startOurMount(image, ourDir, writable ? [] : ['ro']);
+      },
+    },
+    {
+      name: 'qcow2fuse mount -o no_writeback_cache', reference: false,
+      create: async (ctx, image, bytes) => {
+        await ctx.exec(process.execPath, [CLI, 'create', '-q', image, String(bytes)]);
+      },
+      start: async (image, writable) => {
+        await mkdir(ourDir, { recursive: true });
+        return startOurMount(image, ourDir, writable ? ['no_writeback_cache'] : ['ro', 'no_writeback_cache']);
       },
     },
   ];

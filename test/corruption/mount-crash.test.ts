@@ -7,6 +7,9 @@
  * qemu-io), `qemu-img check` and ours find at most leaks, and every durable write so far — the dd
  * slices and each write fio logged as completed — reads back exactly (through qemu-img convert).
  *
+ * The same again with `-o writeback_cache`: dd's fsync and fio's O_SYNC make the kernel write its
+ * cached pages back and then ask for our fsync, so the same writes must be durable.
+ *
  * Kills: QCOW2FUSE_FIO_KILLS (default 10; the acceptance run uses 50). Randomness: TEST_SEED.
  */
 import { readdir, readFile, readlink } from 'node:fs/promises';
@@ -62,7 +65,7 @@ async function waitForOpen(writer: Started, path: string): Promise<boolean> {
   return false;
 }
 
-describe.skipIf(!ready)('kill -9 of the daemon during a random-write workload', () => {
+describe.skipIf(!ready).each([[[] as string[]], [['writeback_cache']]])('kill -9 of the daemon during a random-write workload (-o %j)', (options) => {
   let dir: string;
 
   beforeAll(async () => {
@@ -82,7 +85,7 @@ describe.skipIf(!ready)('kill -9 of the daemon during a random-write workload', 
     let interrupted = 0;
     try {
       for (let round = 0; round < KILLS; round++) {
-        await m.mount([]);
+        await m.mount(options);
         const slice = await run('dd', [`if=${slices}`, `of=${m.disk}`, `bs=${SLICE_BYTES}`, `skip=${round}`, `seek=${round}`, 'count=1', 'conv=notrunc,fsync', 'status=none']);
         expect([round, slice.code, slice.stderr]).toEqual([round, 0, '']);
 

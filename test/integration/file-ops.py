@@ -2,6 +2,7 @@
 """System calls Node cannot make, for the mount tests (lseek SEEK_DATA/SEEK_HOLE, fallocate modes, mmap).
 
   file-ops.py seek PATH OFFSET...          one JSON line: {"OFFSET": [data, hole], ...}, each an offset or an errno name
+  file-ops.py write-seek PATH OFF:LEN:BYTE... -- OFFSET...   pwrite the ranges, then like seek on the same open descriptor
   file-ops.py extents PATH                 one JSON line: the data extents [[start, end], ...] found with SEEK_DATA/SEEK_HOLE
   file-ops.py fallocate PATH MODE OFF LEN  fallocate(2) with the numeric MODE on PATH opened O_RDWR (or O_RDONLY with MODE
                                            prefixed 'r'); prints 'ok', the errno name, or 'open ERRNO' when the open fails
@@ -50,6 +51,20 @@ def cmd_seek(path, offsets):
     fd = os.open(path, os.O_RDONLY)
     try:
         print(json.dumps({str(o): seek_both(fd, o) for o in map(int, offsets)}))
+    finally:
+        os.close(fd)
+
+
+def cmd_write_seek(path, args):
+    """Write OFFSET:LENGTH:BYTE ranges, then (the descriptor still open, the data possibly still in the
+    kernel's cache) SEEK_DATA/SEEK_HOLE at the offsets after "--"."""
+    split = args.index("--")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for spec in args[:split]:
+            offset, length, byte = (int(x, 0) for x in spec.split(":"))
+            os.pwrite(fd, bytes([byte]) * length, offset)
+        print(json.dumps({str(o): seek_both(fd, o) for o in map(int, args[split + 1:])}))
     finally:
         os.close(fd)
 
@@ -198,7 +213,8 @@ def cmd_sizes(seed, steps, a, b, mmap_mode="mmap"):
 
 
 def main(argv):
-    commands = {"seek": lambda a: cmd_seek(a[0], a[1:]), "extents": lambda a: cmd_extents(a[0]),
+    commands = {"seek": lambda a: cmd_seek(a[0], a[1:]), "write-seek": lambda a: cmd_write_seek(a[0], a[1:]),
+                "extents": lambda a: cmd_extents(a[0]),
                 "fallocate": lambda a: cmd_fallocate(*a), "sizes": lambda a: cmd_sizes(*a)}
     if len(argv) < 2 or argv[1] not in commands:
         print(__doc__, file=sys.stderr)

@@ -50,6 +50,9 @@ QEMU locks it: a mount is refused while another process writes the image, and ke
      allow_other       let other users access the mount
      name=NAME         name of the raw file (default disk.raw)
      attr_timeout=S, entry_timeout=S   kernel attribute/lookup cache in seconds (default 0, 1)
+     writeback_cache | no_writeback_cache   the kernel caches writes and sends them coalesced
+                       (default on for read-write mounts without compress, nogrow or direct_io);
+                       fsync, close and unmount still write them back first
      dev, suid, exec, noatime, _netdev, nofail, noauto, user, defaults, x-systemd.*, comment=…
                        (what mount(8), mount.fuse3 and systemd pass): accepted and ignored`;
 

@@ -275,13 +275,6 @@ describe('fallocate and lseek rules', () => {
     expect(await errCode(handlers.lseek('/disk.raw', 999, 0, 3))).toBe('EBADF');
     expect(await errCode(handlers.fallocate('/disk.raw', 999, 0, 0, 1))).toBe('EBADF');
   });
-
-  it('lseek answers ENOSYS when the kernel caches writes (its dirty pages are invisible to the map)', async () => {
-    const { handlers } = setup(new MemoryDevice(4 * 65536), { kernelWritebackCache: true });
-    const fh = await handlers.open('/disk.raw', constants.O_RDWR);
-    expect(await errCode(handlers.lseek('/disk.raw', fh, 0, 3))).toBe('ENOSYS');
-    expect(await errCode(handlers.lseek('/disk.raw', fh, 0, 4))).toBe('ENOSYS');
-  });
 });
 
 describe('read-only', () => {

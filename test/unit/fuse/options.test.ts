@@ -30,7 +30,7 @@ describe('parseMountOptions', () => {
   it('has sensible defaults', () => {
     expect(parseMountOptions([])).toEqual({
       readOnly: false, forceShare: false, compress: false, nogrow: false, kernelCache: 'default', allowOther: false, name: 'disk.raw', attrTimeout: 0,
-      entryTimeout: 1, readaheadBytes: 1024 * 1024, transport: 'session', writebackCache: false,
+      entryTimeout: 1, readaheadBytes: 1024 * 1024, transport: 'session', writebackCache: true,
     });
   });
 
@@ -47,7 +47,18 @@ describe('parseMountOptions', () => {
   it('refuses an unknown transport, and writeback_cache on fuse-native', () => {
     expect(code(() => parseMountOptions(['transport=fuse2']))).toMatch(/^EINVAL: invalid transport 'fuse2'/);
     expect(parseMountOptions(['writeback_cache']).writebackCache).toBe(true);
+    expect(parseMountOptions(['transport=fuse-native']).writebackCache).toBe(false);
     expect(code(() => parseMountOptions(['writeback_cache,transport=fuse-native']))).toMatch(/^EINVAL: .*needs transport=session/);
+  });
+
+  it('has the kernel writeback cache by default on read-write, uncompressed, not direct_io session mounts; no_writeback_cache turns it off', () => {
+    const wb = (...specs: string[]) => parseMountOptions(specs).writebackCache;
+    expect([wb(), wb('kernel_cache'), wb('cache=none'), wb('no_writeback_cache'), wb('ro'), wb('compress'), wb('direct_io'), wb('nogrow')])
+      .toEqual([true, true, true, false, false, false, false, false]);
+    expect(code(() => parseMountOptions(['nogrow,writeback_cache']))).toMatch(/^EINVAL: mount options writeback_cache and nogrow exclude each other/);
+    expect([wb('compress,writeback_cache'), wb('ro,writeback_cache'), wb('writeback_cache', 'no_writeback_cache')]).toEqual([true, true, false]);
+    expect(parseMountOptions(['compress']).kernelCache).toBe('direct_io');
+    expect(parseMountOptions(['compress,writeback_cache']).kernelCache).toBe('default');
   });
 
   it('force-share needs ro (QEMU: force-share=on can only be used with read-only images); the device opens force-shared', () => {
@@ -63,7 +74,7 @@ describe('parseMountOptions', () => {
       'iversion,noiversion,mand,nomand,silent,loud,symfollow,nosymfollow,default_permissions,comment=vm disk',
       'x-systemd.automount,x-systemd.device-timeout=5,x-systemd.requires=a.service,X-mount.mkdir,context=system_u:object_r:tmp_t:s0']);
     expect(fromFstab).toEqual(parseMountOptions([]));
-    expect(parseMountOptions(['ro,noauto,nofail,x-systemd.automount,allow_other'])).toEqual({ ...parseMountOptions([]), readOnly: true, allowOther: true });
+    expect(parseMountOptions(['ro,noauto,nofail,x-systemd.automount,allow_other'])).toEqual({ ...parseMountOptions([]), readOnly: true, allowOther: true, writebackCache: false });
   });
 
   it('uses direct_io for compressed mounts unless kernel_cache is asked for', () => {

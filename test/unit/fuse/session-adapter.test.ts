@@ -1,12 +1,15 @@
 /**
  * The session adapter without a mount: requests dispatched by op code and inode, answered through
  * recorded reply functions — stable inodes for paths, setattr carrying truncate/utimens/chmod,
- * readdir entries with offsets, errnos for errors and unknown inodes, exactly one answer per request.
+ * readdir entries with offsets, errnos for errors and unknown inodes, exactly one answer per request;
+ * with the kernel's writeback cache, session-cache.ts's rules (inode per size and direct_io for the
+ * generated files, write-back before lseek, page drops on compressed mounts).
  */
 import { constants as osConstants } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { createHandlers, type FsHandlers } from '../../../src/fuse/ops.js';
-import { createSessionAdapter, SET_ATTR, type SessionReplies } from '../../../src/fuse/session-adapter.js';
+import { createSessionAdapter, SET_ATTR, type KernelCache, type SessionAdapterOptions, type SessionReplies } from '../../../src/fuse/session-adapter.js';
+import { READ_BEHIND_BYTES } from '../../../src/fuse/session-cache.js';
 import { fuseSession } from '../../../src/io/native.js';
 import { MemoryDevice } from './memory-device.js';
 
@@ -22,7 +25,7 @@ function realHandlers(device = new MemoryDevice(65536)): FsHandlers {
 }
 
 /** An adapter whose replies are recorded per request id; `call` dispatches one request and waits for its answer. */
-function harness(handlers: FsHandlers) {
+function harness(handlers: FsHandlers, extra: Partial<SessionAdapterOptions> = {}) {
   const answers = new Map<number, [string, unknown[]][]>();
   const record = (name: string) => (id: number, ...args: unknown[]) => {
     answers.set(id, [...(answers.get(id) ?? []), [name, args]]);
@@ -30,7 +33,7 @@ function harness(handlers: FsHandlers) {
   };
   const replies = Object.fromEntries(['replyErr', 'replyAttr', 'replyEntry', 'replyOpen', 'replyData', 'replyWrite', 'replyLseek',
     'replyStatfs', 'replyDirents'].map((name) => [name, record(name)])) as unknown as SessionReplies;
-  const adapter = createSessionAdapter(handlers, { attrTimeout: 0, entryTimeout: 1, kernelCache: 'default' }, replies);
+  const adapter = createSessionAdapter(handlers, { attrTimeout: 0, entryTimeout: 1, kernelCache: 'default', ...extra }, replies);
   let nextId = 1;
   async function call(op: number, ino: number, fh = 0, n1 = 0, n2 = 0, n3 = 0, extra?: string | Buffer | number): Promise<[string, unknown[]]> {
     const id = nextId++;
@@ -120,5 +123,67 @@ describe('session adapter', () => {
     const { adapter, call } = harness(new Proxy({} as FsHandlers, { get: () => () => { throw new Error('bug'); } }));
     expect(await call(OP.GETATTR, ROOT)).toEqual(['replyErr', [E.EIO]]);
     expect(adapter.inFlight()).toBe(0);
+  });
+});
+
+/** A KernelCache that records what the adapter asks of it (write-backs end at once). */
+function recordingKernel(): KernelCache & { log: string[] } {
+  const log: string[] = [];
+  return {
+    log,
+    dropPages: (ino, offset, length) => void log.push(`drop ${ino} ${offset} ${length}`),
+    writeBack: async (path, offset) => void log.push(`writeBack ${path} ${offset}`),
+  };
+}
+
+describe('session adapter with the kernel writeback cache', () => {
+  const wb = { writebackCache: true, rawPath: '/disk.raw' };
+
+  it('gives a generated file an inode per size, uncached lookups and direct_io; disk.raw keeps one inode and the page cache', async () => {
+    const device = new MemoryDevice(4 * 65536);
+    const { call } = harness(realHandlers(device), wb);
+    const raw = await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'disk.raw');
+    expect(raw[1][0]).toBe(1);
+    const rawIno = raw[1][2] as number;
+    const first = (await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'map.json'))[1];
+    expect(first[0]).toBe(0);
+    expect((await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'map.json'))[1][2]).toBe(first[2]);
+    const fh = (await call(OP.OPEN, rawIno, 0, 2))[1][0] as number;
+    expect(await call(OP.WRITE, rawIno, fh, 4, 2 * 65536, 0, Buffer.from('WXYZ'))).toEqual(['replyWrite', [4]]);
+    const second = (await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'map.json'))[1];
+    expect(second[7]).toBeGreaterThan(first[7] as number);
+    expect(second[2]).not.toBe(first[2]);
+    expect((await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'disk.raw'))[1][2]).toBe(rawIno);
+    const dirents = (await call(OP.READDIR, ROOT, 0, 4096, 0))[1];
+    expect((dirents[3] as number[])[(dirents[2] as string[]).indexOf('map.json')]).toBe(second[2]);
+    expect((await call(OP.OPEN, second[2] as number, 0, 0))[1].slice(1)).toEqual([true, false]);
+    expect((await call(OP.OPEN, rawIno, 0, 0))[1].slice(1)).toEqual([false, false]);
+  });
+
+  it('has the kernel write its dirty pages of disk.raw back before answering SEEK_DATA/SEEK_HOLE', async () => {
+    const { adapter, call } = harness(realHandlers(new MemoryDevice(4 * 65536)), wb);
+    const kernel = recordingKernel();
+    adapter.attachKernelCache(kernel);
+    const rawIno = (await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'disk.raw'))[1][2] as number;
+    const fh = (await call(OP.OPEN, rawIno, 0, 2))[1][0] as number;
+    expect(await call(OP.LSEEK, rawIno, fh, 65536 + 7, 4 /* SEEK_HOLE */)).toEqual(['replyLseek', [65536 + 7]]);
+    expect(kernel.log).toEqual([`writeBack /disk.raw ${65536 + 7}`]);
+  });
+
+  it('on a compressed mount drops pages once written, read pages READ_BEHIND_BYTES later, and everything on release', async () => {
+    const { adapter, call } = harness(realHandlers(new MemoryDevice(4 * READ_BEHIND_BYTES)), { ...wb, dropCachedData: true });
+    const kernel = recordingKernel();
+    adapter.attachKernelCache(kernel);
+    const ino = (await call(OP.LOOKUP, ROOT, 0, 0, 0, 0, 'disk.raw'))[1][2] as number;
+    const fh = (await call(OP.OPEN, ino, 0, 2))[1][0] as number;
+    await call(OP.WRITE, ino, fh, 8192, 4096, 0, Buffer.alloc(8192, 1));
+    expect(kernel.log).toEqual([`drop ${ino} 4096 8192`]);
+    kernel.log.length = 0;
+    const chunk = 1024 * 1024;
+    for (let pos = 0; pos < READ_BEHIND_BYTES + 2 * chunk; pos += chunk) await call(OP.READ, ino, fh, chunk, pos);
+    expect(kernel.log).toEqual([`drop ${ino} 0 ${chunk}`, `drop ${ino} ${chunk} ${chunk}`]);
+    kernel.log.length = 0;
+    await call(OP.RELEASE, ino, fh);
+    expect(kernel.log).toEqual([`drop ${ino} 0 0`]);
   });
 });

@@ -3,7 +3,8 @@
  * tiny file system served from the test's own event loop (the test touches the mount only through
  * Node's asynchronous fs, whose threadpool blocks instead of the loop). Covers libfuse's own reason
  * on a refused mount, requests answered out of order, answer-once request ids, readdir entries, the
- * 'exited' event on an external unmount.
+ * 'exited' event on an external unmount; with the writeback cache, the kernel worker's write-back
+ * (dirty pages reach us as WRITEs, then 'written-back' with the token) and inval notifications.
  */
 import { mkdir, open, readdir, rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
@@ -35,11 +36,12 @@ interface Mounted {
 let current: Mounted | undefined;
 
 /** Mount `dispatch` on a new directory and wait for INIT. */
-async function mountWith(dispatch: FuseDispatch): Promise<Mounted> {
+async function mountWith(dispatch: FuseDispatch, writebackCache = false): Promise<Mounted> {
   const mnt = join(await tempDir('fuse-session'), 'mnt');
   await mkdir(mnt);
   const events: [string, string][] = [];
-  const handle = fuseSession.mount(mnt, ['-o', 'subtype=qcow2fuse-test'], dispatch, (kind, detail) => events.push([kind, detail]));
+  const handle = fuseSession.mount(mnt, ['-o', 'subtype=qcow2fuse-test'], dispatch,
+    (kind, detail, token, errno) => events.push(kind === 'written-back' ? [kind, `${token} ${errno}`] : [kind, detail]), writebackCache);
   current = { mnt, handle, events };
   for (let i = 0; i < 500 && !events.some(([kind]) => kind === 'init'); i++) await sleep(10);
   expect(events[0]?.[0]).toBe('init');
@@ -123,5 +125,41 @@ describe.skipIf(!ready)('FUSE session (native)', () => {
     expect((await run('umount', [mounted.mnt])).code).toBe(0);
     for (let i = 0; i < 500 && !mounted.events.some(([kind]) => kind === 'exited'); i++) await sleep(10);
     expect(mounted.events.map(([kind]) => kind)).toEqual(['init', 'exited']);
+  });
+
+  it('with the writeback cache, writes back dirty pages on request (written-back event with the token) and sends inval notifications', async () => {
+    const writes: [number, number][] = [];
+    const base = simpleFs();
+    const mounted = await mountWith((op, id, ino, fh, n1, n2, n3, extra) => {
+      if (op === OP.OPEN) return void fuseSession.replyOpen(id, 7, false, false);
+      if (op === OP.WRITE) {
+        writes.push([n2, n1]);
+        expect((extra as Buffer).subarray(n3, n3 + n1).every((b) => b === 0x5a)).toBe(true);
+        return void fuseSession.replyWrite(id, n1);
+      }
+      base(op, id, ino, fh, n1, n2, n3, extra);
+    }, true);
+    const file = await open(join(mounted.mnt, 'f'), 'r+');
+    try {
+      await file.write(Buffer.alloc(8192, 0x5a), 0, 8192, 65536);
+      expect(writes).toEqual([]);
+      expect(fuseSession.writeBack(mounted.handle, '/f', 0, 42)).toBe(true);
+      for (let i = 0; i < 500 && !mounted.events.some(([kind]) => kind === 'written-back'); i++) await sleep(10);
+      expect(mounted.events.filter(([kind]) => kind === 'written-back')).toEqual([['written-back', '42 0']]);
+      expect(writes.reduce((bytes, [, length]) => bytes + length, 0)).toBeGreaterThanOrEqual(8192);
+      expect(writes.every(([pos]) => pos >= 65536 && pos < 65536 + 8192)).toBe(true);
+      expect(fuseSession.notifyInval(mounted.handle, FILE_INO, 0, 0)).toBe(true);
+    } finally {
+      await file.close();
+    }
+    expect(fuseSession.writeBack(mounted.handle, '/missing', 0, 43)).toBe(true);
+    for (let i = 0; i < 500 && mounted.events.filter(([kind]) => kind === 'written-back').length < 2; i++) await sleep(10);
+    expect(mounted.events.filter(([kind]) => kind === 'written-back')[1]).toEqual(['written-back', `43 ${E.ENOENT}`]);
+  });
+
+  it('without the writeback cache has no kernel worker: inval and write-back are not queued', async () => {
+    const mounted = await mountWith(simpleFs());
+    expect(fuseSession.notifyInval(mounted.handle, FILE_INO, 0, 0)).toBe(false);
+    expect(fuseSession.writeBack(mounted.handle, '/f', 0, 1)).toBe(false);
   });
 });
