@@ -5,7 +5,7 @@
  */
 import { availableParallelism } from 'node:os';
 import { LRUCache } from 'lru-cache';
-import { compress, decompress, type CompressionType } from '../../io/native.js';
+import { compress, decompress, decompressBatch, type CompressionType } from '../../io/native.js';
 import { COMPRESSION_ZSTD } from '../format/constants.js';
 
 export type { CompressionType };
@@ -20,7 +20,10 @@ export function compressionTypeName(headerValue: number): CompressionType {
  * Submitting every cluster of a large write or read at once queued hundreds of codec jobs in front
  * of the file reads and writes that feed them (the threadpool is FIFO), so the pipeline stalled.
  */
-const MAX_CODEC_JOBS = Math.max(1, Math.min(2 * availableParallelism(), Number(process.env.UV_THREADPOOL_SIZE ?? 4) - 2));
+/** Cores the codec jobs spread over: a batch of clusters is cut into this many jobs at most. */
+export const CODEC_CORES = Math.max(1, availableParallelism());
+
+const MAX_CODEC_JOBS = Math.max(1, Math.min(2 * CODEC_CORES, Number(process.env.UV_THREADPOOL_SIZE ?? 4) - 2));
 let codecJobs = 0;
 const codecWaiters: (() => void)[] = [];
 
@@ -44,6 +47,18 @@ export function compressCluster(type: CompressionType, cluster: Uint8Array, maxO
 /** Decompress `src` into `out` (exactly one cluster); rejects (code EBADCOMPRESSED) on bad data. */
 export function decompressClusterInto(type: CompressionType, src: Uint8Array, out: Uint8Array): Promise<void> {
   return codecSlot(() => decompress(type, src, out));
+}
+
+/**
+ * Decompress several chunks of `src` into `dst` in one codec job (spans: [srcOffset, srcBytes,
+ * dstOffset, dstBytes] per chunk). Resolves the indices of the chunks that are bad data (empty when
+ * all decoded); the other chunks' bytes are in place either way.
+ */
+export async function decompressClustersInto(type: CompressionType, src: Uint8Array, dst: Uint8Array, spans: Uint32Array): Promise<number[]> {
+  const statuses = await codecSlot(() => decompressBatch(type, src, dst, spans));
+  const bad: number[] = [];
+  if (statuses) statuses.forEach((status, i) => { if (status !== 0) bad.push(i); });
+  return bad;
 }
 
 /** LRU of decompressed clusters keyed by the compressed chunk's host offset. */

@@ -4,7 +4,7 @@
  * cluster is freed and reused under the read (inflight.ts). Compressed clusters stored back to back
  * are read with one pread per run and decompressed straight into the caller's buffer.
  */
-import { decompressClusterInto } from './compression.js';
+import { CODEC_CORES, decompressClusterInto, decompressClustersInto } from './compression.js';
 import type { ClusterMap, ReadSegment } from './cluster-map.js';
 import type { InflightRange } from './inflight.js';
 import type { ImageState } from './state.js';
@@ -79,20 +79,49 @@ export async function readSegments(s: ImageState, segments: ReadSegment[], guest
 }
 
 /**
- * One pread for the host range of several compressed chunks, then each decompressed into `buf`.
- * A compressed mount reads through its O_DIRECT handle, as for single chunks: read-back while
- * ingesting must not fill the host page cache with the image.
+ * One pread for the host range of several compressed chunks, then the chunks decompressed straight
+ * into `buf`, in up to CODEC_CORES codec jobs of consecutive chunks (a job per chunk cost more in
+ * job overhead than small clusters take to decode). A compressed mount reads through its O_DIRECT
+ * handle, as for single chunks: read-back while ingesting must not fill the host page cache.
  */
 async function readCompressedRun(s: ImageState, run: CompressedSegment[], guestOffset: number, buf: Buffer): Promise<void> {
   const start = run[0].descriptor.hostOffset;
   const end = Math.min(Math.max(...run.map((seg) => seg.descriptor.hostOffset + seg.descriptor.compressedBytes)), s.file.sizeBytes);
   const src = Buffer.allocUnsafe(Math.max(0, end - start));
   const n = await (s.directFile ?? s.file).pread(src, start, 'compressed');
-  await Promise.all(run.map((seg) => {
+  const perJob = Math.ceil(run.length / Math.min(run.length, CODEC_CORES));
+  const jobs: Promise<void>[] = [];
+  for (let first = 0; first < run.length; first += perJob) {
+    jobs.push(decompressBatch(s, run.slice(first, first + perJob), src.subarray(0, n), start, guestOffset, buf));
+  }
+  await Promise.all(jobs);
+}
+
+/** Decompress `batch` (chunks inside `src`, read from host offset `srcHostOffset`) into `buf` in one codec job. */
+async function decompressBatch(s: ImageState, batch: CompressedSegment[], src: Buffer, srcHostOffset: number, guestOffset: number, buf: Buffer): Promise<void> {
+  const spans = new Uint32Array(4 * batch.length);
+  batch.forEach((seg, i) => {
     const { hostOffset, compressedBytes } = seg.descriptor;
-    const chunk = src.subarray(Math.min(n, hostOffset - start), Math.min(n, hostOffset - start + compressedBytes));
-    return decompressChunk(s, chunk, hostOffset, compressedBytes, buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes));
-  }));
+    const srcStart = Math.min(src.length, hostOffset - srcHostOffset);
+    spans.set([srcStart, Math.min(src.length, srcStart + compressedBytes) - srcStart, seg.guestOffset - guestOffset, seg.bytes], 4 * i);
+  });
+  let bad: number[];
+  try {
+    bad = await decompressClustersInto(s.compressionType, src, buf, spans);
+  } catch (err) {
+    // No codec context (ENOMEM): reported as a single decompression reports it.
+    const { hostOffset, compressedBytes } = batch[0].descriptor;
+    return badChunk(s, hostOffset, compressedBytes, err);
+  }
+  if (bad.length === 0) return;
+  const { hostOffset, compressedBytes } = batch[bad[0]].descriptor;
+  badChunk(s, hostOffset, compressedBytes, new Error(`${s.compressionType}: invalid compressed data (cannot produce ${batch[bad[0]].bytes} bytes)`));
+}
+
+/** A chunk that does not decompress: (non-fatal) corruption, thrown. */
+function badChunk(s: ImageState, hostOffset: number, compressedBytes: number, err: unknown): never {
+  const message = err instanceof Error ? err.message : String(err);
+  s.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
 }
 
 async function readSegment(s: ImageState, seg: ReadSegment, out: Buffer): Promise<void> {
@@ -149,7 +178,6 @@ async function decompressChunk(s: ImageState, src: Buffer, hostOffset: number, c
   try {
     await decompressClusterInto(s.compressionType, src, out);
   } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
-    s.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
+    badChunk(s, hostOffset, compressedBytes, err);
   }
 }
