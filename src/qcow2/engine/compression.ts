@@ -61,41 +61,70 @@ export async function decompressClustersInto(type: CompressionType, src: Uint8Ar
   return bad;
 }
 
-/** LRU of decompressed clusters keyed by the compressed chunk's host offset. */
+/**
+ * LRU of decompressed clusters keyed by the compressed chunk's host offset, with the loads in
+ * flight (a reader of a chunk being loaded, or decompressed ahead, joins that load). Every
+ * invalidation bumps a generation: a load that started before it never enters the LRU, so a chunk
+ * freed and its host offset reused while it was read is never served stale.
+ */
 export class DecompressedCache {
   private readonly lru: LRUCache<number, Buffer>;
   private readonly pending = new Map<number, Promise<Buffer>>();
+  private generation = 0;
 
   constructor(maxBytes: number) {
     this.lru = new LRUCache<number, Buffer>({ maxSize: Math.max(maxBytes, 1), sizeCalculation: (b) => b.length });
   }
 
-  /** The cached cluster for chunk `hostOffset`, if any (no load). */
-  peek(hostOffset: number): Buffer | undefined {
-    return this.lru.get(hostOffset);
+  /** Whether chunk `hostOffset` is cached or being loaded. */
+  has(hostOffset: number): boolean {
+    return this.lru.has(hostOffset) || this.pending.has(hostOffset);
   }
 
   /** The decompressed cluster for chunk `hostOffset`, loading it with `load` once. */
   async get(hostOffset: number, load: () => Promise<Buffer>): Promise<Buffer> {
     const hit = this.lru.get(hostOffset);
     if (hit) return hit;
-    let p = this.pending.get(hostOffset);
-    if (!p) {
-      p = load().finally(() => this.pending.delete(hostOffset));
-      this.pending.set(hostOffset, p);
-      const cluster = await p;
-      if (this.pending.get(hostOffset) === undefined) this.lru.set(hostOffset, cluster);
-      return cluster;
-    }
-    return p;
+    const p = this.pending.get(hostOffset);
+    if (p) return p;
+    return this.track(hostOffset, load(), this.generation);
+  }
+
+  /**
+   * Load several chunks with one `load` (resolving their clusters in the order of `hostOffsets`):
+   * decompress-ahead. Readers of these chunks join the load; its failure is theirs only if they
+   * join it. Resolves when the load settles.
+   */
+  async prefetch(hostOffsets: number[], load: () => Promise<Buffer[]>): Promise<void> {
+    const generation = this.generation;
+    const all = load();
+    hostOffsets.forEach((hostOffset, i) => void this.track(hostOffset, all.then((clusters) => clusters[i]), generation).catch(() => undefined));
+    await all.then(() => undefined, () => undefined);
+  }
+
+  private track(hostOffset: number, load: Promise<Buffer>, generation: number): Promise<Buffer> {
+    this.pending.set(hostOffset, load);
+    const settled = (): boolean => {
+      if (this.pending.get(hostOffset) !== load) return false;
+      this.pending.delete(hostOffset);
+      return true;
+    };
+    load.then((cluster) => {
+      if (settled() && generation === this.generation) this.lru.set(hostOffset, cluster);
+    }, settled);
+    return load;
   }
 
   /** Forget chunks that start in [hostOffset, +bytes) (their clusters were freed or rewritten). */
   invalidate(hostOffset: number, bytes: number): void {
+    this.generation++;
     for (const key of this.lru.keys()) if (key >= hostOffset && key < hostOffset + bytes) this.lru.delete(key);
+    for (const key of [...this.pending.keys()]) if (key >= hostOffset && key < hostOffset + bytes) this.pending.delete(key);
   }
 
   clear(): void {
+    this.generation++;
     this.lru.clear();
+    this.pending.clear();
   }
 }

@@ -2,19 +2,32 @@
  * The read path: map guest ranges under the metadata lock (several L2 slices per hold), then read
  * the mapped segments outside it, in parallel. Host ranges being read are marked in flight so no
  * cluster is freed and reused under the read (inflight.ts). Compressed clusters stored back to back
- * are read with one pread per run and decompressed straight into the caller's buffer.
+ * are read with one pread per run and decompressed straight into the caller's buffer, on every core;
+ * small sequential reads of compressed clusters (a mount's) have the clusters after them
+ * decompressed ahead into the cache.
  */
 import { CODEC_CORES, decompressClusterInto, decompressClustersInto } from './compression.js';
 import type { ClusterMap, ReadSegment } from './cluster-map.js';
 import type { InflightRange } from './inflight.js';
 import type { ImageState } from './state.js';
+import debugFactory from 'debug';
+
+const trace = debugFactory('qcow2fuse:qcow2:read');
 
 /** Longest host range read at once for a run of back-to-back compressed chunks. */
 const COMPRESSED_RUN_BYTES = 512 * 1024;
 /** Largest gap between two chunks still read together (read and thrown away). */
 const COMPRESSED_RUN_GAP_BYTES = 4096;
 
+/** Guest bytes decompressed ahead of a sequential reader of compressed clusters. */
+const DECOMPRESS_AHEAD_BYTES = 2 * 1024 * 1024;
+/** Largest request that starts decompress-ahead (FUSE's; convert reads bigger windows, many at once). */
+const AHEAD_MAX_REQUEST_BYTES = 1024 * 1024;
+
 type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
+
+/** Per image: where the last read of the active map ended and how far clusters are decompressed ahead. */
+const sequential = new WeakMap<ImageState, { nextGuestOffset: number; aheadUntil: number }>();
 
 /**
  * Read guest bytes through `map` (active or a snapshot's) into `buf`. With `withPending`, data the
@@ -22,6 +35,7 @@ type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
  */
 export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: number, buf: Buffer, withPending: boolean): Promise<void> {
   let done = 0;
+  let sawCompressed = false;
   while (done < buf.length) {
     const segments: ReadSegment[] = [];
     const ranges: InflightRange[] = [];
@@ -35,6 +49,7 @@ export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: n
       if (withPending && map === s.activeMap) overlay = s.compressedWriter?.overlayFor(start, n);
       return n;
     });
+    sawCompressed ||= segments.some((seg) => seg.kind === 'compressed');
     try {
       await readSegments(s, segments, guestOffset, buf);
     } finally {
@@ -43,38 +58,88 @@ export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: n
     overlay?.(buf.subarray(done, done + covered));
     done += covered;
   }
+  if (map === s.activeMap) noteRead(s, guestOffset, buf.length, sawCompressed);
 }
 
 /**
- * Read mapped segments into `buf` (which starts at `guestOffset`), all in parallel. Whole compressed
- * clusters whose chunks lie back to back on the host (as `qemu-img convert -c` and our compressed
- * writer place them) are read with one pread per run of up to COMPRESSED_RUN_BYTES and decompressed
- * straight into `buf`; every other segment is read on its own.
+ * Decompress-ahead: after a read of the active map that continues the previous one, is no bigger
+ * than AHEAD_MAX_REQUEST_BYTES and met compressed clusters, the whole compressed clusters of the
+ * next DECOMPRESS_AHEAD_BYTES are decompressed into the cache in the background (in batches, on
+ * every core) for the reads that follow; at most one batch of that size starts per call.
  */
-export async function readSegments(s: ImageState, segments: ReadSegment[], guestOffset: number, buf: Buffer): Promise<void> {
-  const out = (seg: ReadSegment): Buffer => buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes);
-  const jobs: Promise<void>[] = [];
+function noteRead(s: ImageState, guestOffset: number, bytes: number, sawCompressed: boolean): void {
+  const end = guestOffset + bytes;
+  const state = sequential.get(s);
+  const continues = state !== undefined && state.nextGuestOffset === guestOffset;
+  const aheadUntil = continues ? Math.max(state.aheadUntil, end) : end;
+  sequential.set(s, { nextGuestOffset: end, aheadUntil });
+  if (!continues || !sawCompressed || bytes > AHEAD_MAX_REQUEST_BYTES) return;
+  const to = Math.min(end + DECOMPRESS_AHEAD_BYTES, s.virtualSize);
+  // Start when at least half the distance is missing, so each batch is big enough to spread.
+  if (to - aheadUntil < DECOMPRESS_AHEAD_BYTES / 2) return;
+  sequential.set(s, { nextGuestOffset: end, aheadUntil: to });
+  s.inBackground(decompressAhead(s, aheadUntil, to - aheadUntil).catch((err: unknown) => trace('decompress-ahead of %d+%d: %o', aheadUntil, to - aheadUntil, err)));
+}
+
+/** Load the whole compressed clusters of [guestOffset, +bytes) of the active map into the decompressed cache. */
+async function decompressAhead(s: ImageState, guestOffset: number, bytes: number): Promise<void> {
+  const segments: ReadSegment[] = [];
+  await s.lock.run(async () => {
+    for (let n = 0; n < bytes;) n += await s.activeMap.mapForRead(guestOffset + n, bytes - n, segments);
+  });
+  const wanted = segments.filter((seg): seg is CompressedSegment => isWholeCompressed(s, seg) && !s.decompressed.has(seg.descriptor.hostOffset));
+  await Promise.all(compressedRuns(wanted).map((run) => s.decompressed.prefetch(run.map((seg) => seg.descriptor.hostOffset), async () => {
+    const first = run[0].guestOffset;
+    const clusters = Buffer.allocUnsafe(run[run.length - 1].guestOffset + s.geometry.clusterSize - first);
+    await readCompressedRun(s, run, first, clusters);
+    return run.map((seg) => clusters.subarray(seg.guestOffset - first, seg.guestOffset - first + seg.bytes));
+  })));
+}
+
+function isWholeCompressed(s: ImageState, seg: ReadSegment): seg is CompressedSegment {
+  return seg.kind === 'compressed' && seg.offsetInCluster === 0 && seg.bytes === s.geometry.clusterSize;
+}
+
+/**
+ * Whole compressed clusters (in guest order) grouped into runs whose chunks lie back to back on the
+ * host (as `qemu-img convert -c` and our compressed writer place them): gaps of at most
+ * COMPRESSED_RUN_GAP_BYTES, at most COMPRESSED_RUN_BYTES from the first chunk's start.
+ */
+function compressedRuns(segments: CompressedSegment[]): CompressedSegment[][] {
+  const runs: CompressedSegment[][] = [];
   let run: CompressedSegment[] = [];
   let runEnd = 0;
-  const endRun = (): void => {
-    if (run.length === 1) jobs.push(readSegment(s, run[0], out(run[0])));
-    else if (run.length > 1) jobs.push(readCompressedRun(s, run, guestOffset, buf));
-    run = [];
-  };
   for (const seg of segments) {
-    if (seg.kind !== 'compressed' || seg.offsetInCluster !== 0 || seg.bytes !== s.geometry.clusterSize || s.decompressed.peek(seg.descriptor.hostOffset)) {
-      jobs.push(readSegment(s, seg, out(seg)));
-      continue;
-    }
     const { hostOffset, compressedBytes } = seg.descriptor;
     if (run.length > 0 && (hostOffset < run[0].descriptor.hostOffset || hostOffset > runEnd + COMPRESSED_RUN_GAP_BYTES
       || hostOffset + compressedBytes - run[0].descriptor.hostOffset > COMPRESSED_RUN_BYTES)) {
-      endRun();
+      runs.push(run);
+      run = [];
     }
     runEnd = run.length === 0 ? hostOffset + compressedBytes : Math.max(runEnd, hostOffset + compressedBytes);
     run.push(seg);
   }
-  endRun();
+  if (run.length > 0) runs.push(run);
+  return runs;
+}
+
+/**
+ * Read mapped segments into `buf` (which starts at `guestOffset`), all in parallel. Whole compressed
+ * clusters neither cached nor being loaded are read in runs (compressedRuns: one pread per run) and
+ * decompressed straight into `buf`; every other segment is read on its own (a cached or loading
+ * compressed cluster through the cache).
+ */
+export async function readSegments(s: ImageState, segments: ReadSegment[], guestOffset: number, buf: Buffer): Promise<void> {
+  const out = (seg: ReadSegment): Buffer => buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes);
+  const jobs: Promise<void>[] = [];
+  const direct: CompressedSegment[] = [];
+  for (const seg of segments) {
+    if (isWholeCompressed(s, seg) && !s.decompressed.has(seg.descriptor.hostOffset)) direct.push(seg);
+    else jobs.push(readSegment(s, seg, out(seg)));
+  }
+  for (const run of compressedRuns(direct)) {
+    jobs.push(run.length === 1 ? readSegment(s, run[0], out(run[0])) : readCompressedRun(s, run, guestOffset, buf));
+  }
   await Promise.all(jobs);
 }
 
@@ -143,13 +208,12 @@ async function readSegment(s: ImageState, seg: ReadSegment, out: Buffer): Promis
       const { hostOffset, compressedBytes } = seg.descriptor;
       // A whole cluster decompresses straight into the caller's buffer (no cache entry, no copy:
       // bulk reads stream); a part goes through the cache, so reading a cluster piecewise
-      // decompresses it once.
-      const cached = s.decompressed.peek(hostOffset);
-      if (!cached && seg.offsetInCluster === 0 && seg.bytes === s.geometry.clusterSize) {
+      // decompresses it once, and so does a cluster cached or being decompressed ahead.
+      if (!s.decompressed.has(hostOffset) && isWholeCompressed(s, seg)) {
         await decompressInto(s, hostOffset, compressedBytes, out);
         return;
       }
-      const cluster = cached ?? await readCompressedCluster(s, hostOffset, compressedBytes);
+      const cluster = await readCompressedCluster(s, hostOffset, compressedBytes);
       cluster.copy(out, 0, seg.offsetInCluster, seg.offsetInCluster + seg.bytes);
       return;
     }
