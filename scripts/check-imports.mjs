@@ -15,6 +15,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import ts from 'typescript';
+import { tsFilesUnder } from './ts-files.mjs';
 
 const root = resolve(process.argv[2] ?? 'src');
 
@@ -37,15 +38,6 @@ const FORMAT_ALLOWED = new Set(['io/errors.ts']);
 function layerOf(rel) {
   for (const [prefix, name, rank] of LAYERS) if (rel === prefix || rel.startsWith(prefix)) return { name, rank };
   return undefined;
-}
-
-function walk(dir, out = []) {
-  for (const entry of readdirSync(dir, { withFileTypes: true })) {
-    const path = join(dir, entry.name);
-    if (entry.isDirectory()) walk(path, out);
-    else if (entry.name.endsWith('.ts') && !entry.name.endsWith('.d.ts')) out.push(path);
-  }
-  return out;
 }
 
 /** The imports of `file`: { specifier, runtime, line }. */
@@ -102,7 +94,7 @@ function resolveSpecifier(from, specifier) {
 
 const problems = [];
 const graph = new Map();
-const files = walk(root);
+const files = tsFilesUnder(root);
 for (const file of files) {
   const rel = relative(root, file).split('\\').join('/');
   const layer = layerOf(rel);

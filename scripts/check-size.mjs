@@ -4,21 +4,12 @@
 // comments and blank lines included, as `wc -l` would.
 //
 // Usage: node scripts/check-size.mjs [--list] [DIR …]   (default DIR: src; --list prints the 20 largest)
-import { readdirSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import ts from 'typescript';
+import { tsFilesUnder } from './ts-files.mjs';
 
 const MAX_CLASS_LINES = 450;
 const MAX_FUNCTION_LINES = 80;
-
-function walk(dir, out = []) {
-  for (const entry of readdirSync(dir, { withFileTypes: true })) {
-    const path = join(dir, entry.name);
-    if (entry.isDirectory()) walk(path, out);
-    else if (entry.name.endsWith('.ts') && !entry.name.endsWith('.d.ts')) out.push(path);
-  }
-  return out;
-}
 
 /** Line numbers (0-based) spanned by the text [start, end). */
 function codeLines(source, start, end) {
@@ -44,7 +35,7 @@ function nameOf(node, source) {
 const findings = [];
 const sizes = [];
 const dirs = process.argv.slice(2).filter((a) => !a.startsWith('--'));
-for (const file of (dirs.length > 0 ? dirs : ['src']).flatMap((d) => walk(d))) {
+for (const file of (dirs.length > 0 ? dirs : ['src']).flatMap((d) => tsFilesUnder(d))) {
   const source = ts.createSourceFile(file, readFileSync(file, 'utf8'), ts.ScriptTarget.Latest, true);
   const visit = (node) => {
     if (ts.isClassDeclaration(node) || ts.isClassExpression(node)) {

@@ -66,15 +66,9 @@ export class Qcow2Device implements InspectableDevice {
     return this.image.flush();
   }
 
-  /**
-   * Growing makes the new area read as zeros even over a longer backing file (as QEMU's truncate does
-   * with BDRV_REQ_ZERO_WRITE), so bytes past a shrink of disk.raw never come back as backing data.
-   */
-  async resize(newVirtualSize: number): Promise<void> {
-    const oldSize = this.image.virtualSize;
-    await this.image.resize(newVirtualSize);
-    const backingEnd = Math.min(newVirtualSize, this.image.backing?.virtualSize ?? 0);
-    if (backingEnd > oldSize) await zeroRange(this.image, oldSize, backingEnd - oldSize, { unmap: false, probe: this.probe });
+  /** Growing reads as zeros even over a longer backing file (Qcow2Image.resize zeroes that range). */
+  resize(newVirtualSize: number): Promise<void> {
+    return this.image.resize(newVirtualSize);
   }
 
   allocatedBytes(): Promise<number> {

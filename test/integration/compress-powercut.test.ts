@@ -17,12 +17,11 @@
  */
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it, onTestFailed } from 'vitest';
-import { FaultyHostFile } from '../../src/io/faulty-host-file.js';
 import type { HostFile } from '../../src/io/host-file.js';
 import { MemoryHostFile } from '../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../src/qcow2/engine/image.js';
-import { explainInterrupted, GuestModel, randomGuestRange, type GuestOp } from '../helpers/model.js';
-import { PowerSwitch } from '../helpers/power-switch.js';
+import { explainInterrupted, GuestModel, randomGuestRange } from '../helpers/model.js';
+import { runWithCut, type Step } from '../helpers/power-cut-run.js';
 import { patternBuffer, Prng, seedFromEnv } from '../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate, type QemuOptionValue } from '../helpers/qemu.js';
 import { useTempDir } from '../helpers/tmp.js';
@@ -33,8 +32,6 @@ const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
 const RUNS = Math.max(1, Number(process.env.COMPRESS_POWERCUT_RUNS ?? '6'));
 const OPS = 40;
-
-type Step = GuestOp | { op: 'flush' };
 
 function makeSteps(rng: Prng, model: GuestModel, seed: number): Step[] {
   const cs = model.clusterSize;
@@ -50,19 +47,6 @@ function makeSteps(rng: Prng, model: GuestModel, seed: number): Step[] {
   return steps;
 }
 
-function describeStep(s: Step): string {
-  return s.op === 'flush' ? 'flush' : `${s.op} ${s.offset} +${s.op === 'write' ? s.data.length : s.bytes}`;
-}
-
-async function runStep(image: Qcow2Image, s: Step): Promise<void> {
-  switch (s.op) {
-    case 'write': return image.write(s.offset, s.data);
-    case 'writeZeroes': return image.writeZeroes(s.offset, s.bytes);
-    case 'discard': return image.discard(s.offset, s.bytes);
-    case 'flush': return image.flush();
-  }
-}
-
 /** Open `path` with compressed writes, both handles on `file`. */
 function openCompressed(path: string, file: HostFile): Promise<Qcow2Image> {
   return openImage(path, {
@@ -70,49 +54,6 @@ function openCompressed(path: string, file: HostFile): Promise<Qcow2Image> {
     // A small budget and area, so that back-pressure, partial host-cluster writes and area changes happen.
     compressedWriter: { maxPendingBytes: 8 * 65536, maxPartialClusters: 4, areaClusters: 2 },
   });
-}
-
-interface RunResult {
-  cutDone: boolean;
-  events: number;
-  survivor: MemoryHostFile | undefined;
-  durable: GuestModel;
-  tail: GuestOp[];
-  log: string[];
-}
-
-async function runWithCut(path: string, initial: Buffer, model0: GuestModel, steps: Step[], cutAt: number, seed: number, torn: boolean): Promise<RunResult> {
-  const faulty = await FaultyHostFile.wrap(MemoryHostFile.from(initial), { journal: true, seed, keepProbability: new Prng(seed).float(), ...(torn ? { tornSectorBytes: 512 } : {}) });
-  const power = new PowerSwitch(faulty, cutAt, true);
-  const image = await openCompressed(path, power);
-  const model = model0.clone();
-  let durable = model0.clone();
-  let tail: GuestOp[] = [];
-  const log: string[] = [];
-  for (const step of steps) {
-    log.push(describeStep(step));
-    if (step.op !== 'flush') tail.push(step);
-    try {
-      await runStep(image, step);
-    } catch (err) {
-      if (power.cut === undefined) throw err;
-      log.push(`  ^ power cut at I/O event ${cutAt}`);
-      return { cutDone: true, events: power.events, survivor: await power.cut, durable, tail, log };
-    }
-    if (step.op === 'flush') {
-      durable = model.clone();
-      tail = [];
-    } else {
-      model.apply(step);
-    }
-  }
-  if (cutAt === 0) {
-    await image.close();
-    return { cutDone: false, events: power.events, survivor: undefined, durable, tail, log };
-  }
-  // The writer may still hold data and have I/O under way: the cut lands after the last step returned.
-  log.push('  (power cut after the last step)');
-  return { cutDone: true, events: power.events, survivor: await (power.cut ?? faulty.powerCut()), durable, tail, log };
 }
 
 interface Config {
@@ -138,16 +79,17 @@ describe.skipIf(!hasQemu)('power cut during compressed writes', () => {
       await qemuImgCreate(path, config.size, config.options);
       const initial = await readFile(path);
       const model0 = new GuestModel({ virtualSize: config.size, clusterSize, version: 3 });
+      const open = (file: HostFile): Promise<Qcow2Image> => openCompressed(path, file);
       let current: string[] = [];
       onTestFailed(() => console.error(`failing run:\n  ${current.join('\n  ')}`));
       for (let run = 0; run < RUNS; run++) {
         const seed = (masterSeed + configIndex * 7919 + run * 104729) >>> 0;
         const rng = new Prng(seed);
         const steps = makeSteps(rng, model0, seed);
-        const dry = await runWithCut(path, initial, model0, steps, 0, seed, false);
+        const dry = await runWithCut({ initial, model0, steps, cutAt: 0, seed, torn: false, open, sharedHandles: true });
         const cutAt = 1 + rng.int(dry.events + 1);
         const torn = rng.chance(0.5);
-        const result = await runWithCut(path, initial, model0, steps, cutAt, seed, torn);
+        const result = await runWithCut({ initial, model0, steps, cutAt, seed, torn, open, sharedHandles: true });
         current = [`run ${run}, seed ${seed}, cut at event ${cutAt} of ${dry.events}${torn ? ', torn sectors' : ''}`, ...result.log];
         expect(result.cutDone).toBe(true);
         const survivor = result.survivor as MemoryHostFile;

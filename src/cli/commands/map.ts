@@ -7,8 +7,8 @@
  */
 import { nodeHostAllocationProbe } from '../../io/host-allocation.js';
 import { mapEntries, mapJsonChunks } from '../../qcow2/tools/map.js';
-import { parseArgs } from '../args.js';
-import { FORCE_SHARE_FLAGS, FORCE_SHARE_USAGE, forceShareOf, warnIfForceShared } from '../force-share.js';
+import { FORCE_SHARE_USAGE, warnIfForceShared } from '../force-share.js';
+import { parseReportArgs } from '../report-args.js';
 import { commandError, MAP_HUMAN_HEADER, mapHumanLine, trace, writeOut } from '../output.js';
 import { openImage } from '../../node.js';
 
@@ -20,27 +20,9 @@ const USAGE = `usage: qcow2fuse map [-f qcow2] [-U] [--output=human|json] FILENA
 const HUMAN_CHUNK_CHARS = 64 * 1024;
 
 export async function run(argv: string[]): Promise<number> {
-  let path: string;
-  let json: boolean;
-  let forceShare: boolean;
-  try {
-    const { flags, positional } = parseArgs(argv, ['-f', '--output'], [...FORCE_SHARE_FLAGS, '-h', '--help']);
-    if (flags.has('-h') || flags.has('--help')) {
-      process.stdout.write(USAGE);
-      return 0;
-    }
-    const format = flags.get('-f') ?? 'qcow2';
-    if (format !== 'qcow2') throw new Error(`only qcow2 images are supported (got -f ${format})`);
-    const output = flags.get('--output') ?? 'human';
-    if (output !== 'human' && output !== 'json') throw new Error(`--output must be human or json, got '${output}'`);
-    if (positional.length !== 1) throw new Error('expected one FILENAME');
-    path = positional[0]!;
-    json = output === 'json';
-    forceShare = forceShareOf(flags);
-  } catch (err) {
-    process.stderr.write(`qcow2fuse map: ${commandError(err)}\n${USAGE}`);
-    return 1;
-  }
+  const args = parseReportArgs('map', argv, USAGE);
+  if (typeof args === 'number') return args;
+  const { path, json, forceShare } = args;
   const probe = nodeHostAllocationProbe();
   try {
     warnIfForceShared('map', path, forceShare);

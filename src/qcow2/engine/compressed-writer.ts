@@ -164,7 +164,7 @@ export class CompressedWriter {
   /** Writes of clusters the fill has passed, started by place() (see there). */
   private readonly closedWrites = new Set<Promise<void>>();
   private changeWaiters: (() => void)[] = [];
-  private failure: unknown;
+  private failure: Error | undefined;
   /**
    * Buffers reused instead of allocated per cluster (allocation and its GC cost more than the
    * compression of a zstd cluster): plaintext clusters whose operation completed, and the aligned
@@ -201,7 +201,7 @@ export class CompressedWriter {
 
   private fail(err: unknown): void {
     trace('failure: %o', err);
-    this.failure ??= err;
+    this.failure ??= err instanceof Error ? err : new Error(String(err));
   }
 
   /**

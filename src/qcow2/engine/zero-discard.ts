@@ -105,8 +105,21 @@ export async function zeroClusterForCompress(s: ImageState, clusterIndex: number
 }
 
 /**
- * Change the virtual size. Growing extends L1 as needed and zeroes the tail of a partial last
- * cluster; shrinking frees every cluster past the new end (as `qemu-img resize --shrink`).
+ * End of the part of a grown area [oldSize, newVirtualSize) to zero because a longer backing file
+ * would show through it: all of it on v3 (zero clusters, as QEMU's qcow2 truncate does), only up to
+ * the backing file's end on v2, whose zeros must be written as data (QEMU refuses that resize).
+ */
+function newAreaShowingBacking(s: ImageState, oldSize: number, newVirtualSize: number): number {
+  const backingSize = s.backing?.virtualSize ?? 0;
+  if (backingSize <= oldSize) return oldSize;
+  return s.header.version >= 3 && !s.dataFileRaw ? newVirtualSize : Math.min(newVirtualSize, backingSize);
+}
+
+/**
+ * Change the virtual size. Growing extends L1 as needed and makes the new area read as zeros: the
+ * tail of a partial last cluster, and whatever a longer backing file would otherwise show through
+ * (QEMU's truncate zeroes that range, BDRV_REQ_ZERO_WRITE). Shrinking frees every cluster past the
+ * new end (as `qemu-img resize --shrink`).
  */
 export async function resize(s: ImageState, newVirtualSize: number): Promise<void> {
   s.assertWritable();
@@ -124,8 +137,8 @@ export async function resize(s: ImageState, newVirtualSize: number): Promise<voi
       await s.activeMap.growL1(g.l1EntriesFor(newVirtualSize));
       await s.updateHeader({ virtualSize: newVirtualSize });
     });
-    const tailEnd = Math.min(newVirtualSize, Math.ceil(oldSize / g.clusterSize) * g.clusterSize);
-    if (tailEnd > oldSize) await writeZeroes(s, oldSize, tailEnd - oldSize);
+    const zeroEnd = Math.max(newAreaShowingBacking(s, oldSize, newVirtualSize), Math.min(newVirtualSize, Math.ceil(oldSize / g.clusterSize) * g.clusterSize));
+    if (zeroEnd > oldSize) await writeZeroes(s, oldSize, zeroEnd - oldSize);
     return;
   }
   const firstFree = Math.ceil(newVirtualSize / g.clusterSize) * g.clusterSize;

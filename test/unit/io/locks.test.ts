@@ -17,18 +17,7 @@ import {
   qemuPermissionsFor, queryQemuLocks,
 } from '../../../src/io/locks.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
-
-/** Under CI a missing tool fails the test; elsewhere the test is skipped with a loud warning. */
-function haveTool(name: string): boolean {
-  const found = spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
-  if (!found) {
-    if (process.env.CI === 'true') {
-      throw new Error(`required tool '${name}' is missing (CI=true: failing instead of skipping)`);
-    }
-    console.warn(`SKIPPING tests that need '${name}': not installed`);
-  }
-  return found;
-}
+import { requireTool } from '../../helpers/tools.js';
 
 interface RunResult {
   status: number | null;
@@ -91,7 +80,7 @@ class QemuIo {
   }
 }
 
-const hasQemu = haveTool('qemu-img') && haveTool('qemu-io');
+const hasQemu = requireTool('qemu-img') && requireTool('qemu-io');
 let dir: string;
 let image: string;
 const openFiles: HostFile[] = [];

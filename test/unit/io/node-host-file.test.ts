@@ -19,21 +19,10 @@ import type { AioMode, HostFile } from '../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../src/io/memory-host-file.js';
 import { dioAlignment } from '../../../src/io/native.js';
 import { openNodeHostFile } from '../../../src/io/node-host-file.js';
+import { requireTool } from '../../helpers/tools.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** Under CI a missing tool fails the test; elsewhere the test is skipped with a loud warning. */
-function haveTool(name: string): boolean {
-  const found = spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
-  if (!found) {
-    if (process.env.CI === 'true') {
-      throw new Error(`required tool '${name}' is missing (CI=true: failing instead of skipping)`);
-    }
-    console.warn(`SKIPPING tests that need '${name}': not installed`);
-  }
-  return found;
-}
 
 /** A temp directory on a filesystem that accepts O_DIRECT (tmpfs may refuse it). */
 function makeDirectIoDir(): string {
@@ -167,7 +156,7 @@ describe('buffered NodeHostFile', () => {
     }
   });
 
-  it.skipIf(!haveTool('fincore'))('dropCache evicts the range from the page cache', async () => {
+  it.skipIf(!requireTool('fincore'))('dropCache evicts the range from the page cache', async () => {
     const path = freshPath();
     const file = await openFile(path);
     await file.pwrite(pattern(4 * MiB, 2), 0);
@@ -269,7 +258,7 @@ describe.each(['native', 'threads'] as const)('O_DIRECT NodeHostFile (aio=%s)', 
     const back = allocAligned(4 * MiB);
     expect(await file.pread(back, 0)).toBe(4 * MiB);
     expect(back.equals(data)).toBe(true);
-    if (haveTool('fincore')) {
+    if (requireTool('fincore')) {
       expect(residentBytes(path)).toBe(0);
     }
   });

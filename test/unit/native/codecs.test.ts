@@ -10,20 +10,9 @@ import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 
 import { compress, decompress, decompressBatch, type CompressionType } from '../../../src/io/native.js';
+import { requireTool } from '../../helpers/tools.js';
 
 const CODECS: CompressionType[] = ['zlib', 'zstd'];
-
-/** Under CI a missing tool fails the test; elsewhere the test is skipped with a loud warning. */
-function haveTool(name: string): boolean {
-  const found = spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
-  if (!found) {
-    if (process.env.CI === 'true') {
-      throw new Error(`required tool '${name}' is missing (CI=true: failing instead of skipping)`);
-    }
-    console.warn(`SKIPPING tests that need '${name}': not installed`);
-  }
-  return found;
-}
 
 /** Deterministic, compressible data: text-like records with a counter. */
 function compressible(bytes: number, seed = 1): Buffer {
@@ -246,7 +235,7 @@ describe('zstd compatibility (QEMU: one ZSTD_e_end stream, decoded until dst is 
     await expectBadCompressed(decompress('zstd', hostile, Buffer.alloc(4)));
   });
 
-  const hasZstd = haveTool('zstd');
+  const hasZstd = requireTool('zstd');
   it.skipIf(!hasZstd)('interoperates with the zstd command-line tool both ways', async () => {
     const src = compressible(65536, 16);
     const packed = (await compress('zstd', src, 65535))!;

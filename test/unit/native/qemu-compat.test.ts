@@ -11,21 +11,10 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { compress, decompress, type CompressionType } from '../../../src/io/native.js';
+import { requireTool } from '../../helpers/tools.js';
 
 const CLUSTER_BYTES = 65536;
 const CLUSTERS = 6;
-
-/** Under CI a missing tool fails the test; elsewhere the test is skipped with a loud warning. */
-function haveTool(name: string): boolean {
-  const found = spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
-  if (!found) {
-    if (process.env.CI === 'true') {
-      throw new Error(`required tool '${name}' is missing (CI=true: failing instead of skipping)`);
-    }
-    console.warn(`SKIPPING tests that need '${name}': not installed`);
-  }
-  return found;
-}
 
 /** Compressible cluster contents that differ per cluster. */
 function clusterData(index: number): Buffer {
@@ -56,7 +45,7 @@ function findCompressedCluster(image: Buffer, index: number): CompressedCluster 
   return { hostOffset, storedBytes: sectors * 512 - (hostOffset % 512) };
 }
 
-const hasQemuImg = haveTool('qemu-img');
+const hasQemuImg = requireTool('qemu-img');
 let dir: string;
 let raw: Buffer;
 

@@ -15,11 +15,11 @@
  */
 import { describe, expect, it, onTestFailed } from 'vitest';
 import { readFile, writeFile } from 'node:fs/promises';
-import { FaultyHostFile } from '../../../../src/io/faulty-host-file.js';
+import type { HostFile } from '../../../../src/io/host-file.js';
 import { MemoryHostFile } from '../../../../src/io/memory-host-file.js';
 import { Qcow2Image } from '../../../../src/qcow2/engine/image.js';
-import { explainInterrupted, GuestModel, randomGuestRange, type GuestOp } from '../../../helpers/model.js';
-import { PowerSwitch } from '../../../helpers/power-switch.js';
+import { explainInterrupted, GuestModel, randomGuestRange } from '../../../helpers/model.js';
+import { runWithCut, type Step } from '../../../helpers/power-cut-run.js';
 import { patternBuffer, Prng, seedFromEnv } from '../../../helpers/patterns.js';
 import { qemuImgCheck, qemuImgCreate, type QemuOptionValue } from '../../../helpers/qemu.js';
 import { useTempDir } from '../../../helpers/tmp.js';
@@ -30,8 +30,6 @@ const hasQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
 const RUNS = Math.max(1, Number(process.env.POWERCUT_RUNS ?? '6'));
 const OPS = 40;
-
-type Step = GuestOp | { op: 'flush' };
 
 function makeSteps(rng: Prng, model: GuestModel, seed: number): Step[] {
   const cs = model.clusterSize;
@@ -45,20 +43,6 @@ function makeSteps(rng: Prng, model: GuestModel, seed: number): Step[] {
     else steps.push({ op: 'flush' });
   }
   return steps;
-}
-
-function describeStep(s: Step): string {
-  if (s.op === 'flush') return 'flush';
-  return `${s.op} ${s.offset} +${s.op === 'write' ? s.data.length : s.bytes}`;
-}
-
-async function runStep(image: Qcow2Image, s: Step): Promise<void> {
-  switch (s.op) {
-    case 'write': return image.write(s.offset, s.data);
-    case 'writeZeroes': return image.writeZeroes(s.offset, s.bytes);
-    case 'discard': return image.discard(s.offset, s.bytes);
-    case 'flush': return image.flush();
-  }
 }
 
 interface Config {
@@ -80,50 +64,6 @@ const CONFIGS: Config[] = [
   { name: 'lazy refcounts, 8 KiB clusters', options: { cluster_size: 8192, lazy_refcounts: true }, size: 2 * MiB, lazy: true },
 ];
 
-interface RunResult {
-  cutDone: boolean;
-  events: number;
-  survivor: MemoryHostFile | undefined;
-  durable: GuestModel;
-  /** Tail operations after the last completed flush, the one cut short included. */
-  tail: GuestOp[];
-  log: string[];
-}
-
-/** Run the steps on a fresh journaled copy of `initial`; cut the power before I/O event `cutAt` (0: never). */
-async function runWithCut(path: string, initial: Buffer, model0: GuestModel, steps: Step[], cutAt: number, seed: number, torn: boolean): Promise<RunResult> {
-  const faulty = await FaultyHostFile.wrap(MemoryHostFile.from(initial), { journal: true, seed, keepProbability: new Prng(seed).float(), ...(torn ? { tornSectorBytes: 512 } : {}) });
-  const power = new PowerSwitch(faulty, cutAt);
-  const image = await openImage(path, { readOnly: false, file: power, lock: false });
-  const model = model0.clone();
-  let durable = model0.clone();
-  let tail: GuestOp[] = [];
-  const log: string[] = [];
-  for (const step of steps) {
-    log.push(describeStep(step));
-    if (step.op !== 'flush') tail.push(step);
-    try {
-      await runStep(image, step);
-    } catch (err) {
-      if (power.cut === undefined) throw err;
-      log.push(`  ^ power cut at I/O event ${cutAt}`);
-      return { cutDone: true, events: power.events, survivor: await power.cut, durable, tail, log };
-    }
-    if (step.op === 'flush') {
-      durable = model.clone();
-      tail = [];
-    } else {
-      model.apply(step);
-    }
-  }
-  if (cutAt === 0) {
-    await image.close();
-    return { cutDone: false, events: power.events, survivor: undefined, durable, tail, log };
-  }
-  log.push('  (power cut after the last step)');
-  return { cutDone: true, events: power.events, survivor: await (power.cut ?? faulty.powerCut()), durable, tail, log };
-}
-
 describe.skipIf(!hasQemu)('power cut at a random point', () => {
   const tmp = useTempDir('powercut');
   const masterSeed = seedFromEnv();
@@ -139,16 +79,17 @@ describe.skipIf(!hasQemu)('power cut at a random point', () => {
       await qemuImgCreate(path, config.size, config.options, backing === undefined ? {} : { backing: tmp.file('backing.raw'), backingFormat: 'raw' });
       const initial = await readFile(path);
       const model0 = new GuestModel({ virtualSize: config.size, clusterSize, version: config.options.compat === '0.10' ? 2 : 3, backing });
+      const open = (file: HostFile): Promise<Qcow2Image> => openImage(path, { readOnly: false, file, lock: false });
       let current: string[] = [];
       onTestFailed(() => console.error(`failing run:\n  ${current.join('\n  ')}`));
       for (let run = 0; run < RUNS; run++) {
         const seed = (masterSeed + configIndex * 7919 + run * 104729) >>> 0;
         const rng = new Prng(seed);
         const steps = makeSteps(rng, model0, seed);
-        const dry = await runWithCut(path, initial, model0, steps, 0, seed, false);
+        const dry = await runWithCut({ initial, model0, steps, cutAt: 0, seed, torn: false, open });
         const cutAt = 1 + rng.int(dry.events + 1); // events + 1: after the last step
         const torn = rng.chance(0.5);
-        const result = await runWithCut(path, initial, model0, steps, cutAt, seed, torn);
+        const result = await runWithCut({ initial, model0, steps, cutAt, seed, torn, open });
         current = [`run ${run}, seed ${seed}, cut at event ${cutAt} of ${dry.events}${torn ? ', torn sectors' : ''}`, ...result.log];
         expect(result.cutDone).toBe(true);
         const survivor = result.survivor!;
