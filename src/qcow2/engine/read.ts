@@ -34,6 +34,7 @@ const sequential = new WeakMap<ImageState, { nextGuestOffset: number; aheadUntil
  * compressed writer still holds for these clusters is laid over what the mapping gives.
  */
 export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: number, buf: Buffer, withPending: boolean): Promise<void> {
+  const continues = map === s.activeMap && noteSequential(s, guestOffset, buf.length);
   let done = 0;
   let sawCompressed = false;
   while (done < buf.length) {
@@ -58,27 +59,36 @@ export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: n
     overlay?.(buf.subarray(done, done + covered));
     done += covered;
   }
-  if (map === s.activeMap) noteRead(s, guestOffset, buf.length, sawCompressed);
+  if (continues && sawCompressed) decompressAheadOf(s, guestOffset + buf.length, buf.length);
 }
 
 /**
- * Decompress-ahead: after a read of the active map that continues the previous one, is no bigger
- * than AHEAD_MAX_REQUEST_BYTES and met compressed clusters, the whole compressed clusters of the
- * next DECOMPRESS_AHEAD_BYTES are decompressed into the cache in the background (in batches, on
- * every core) for the reads that follow; at most one batch of that size starts per call.
+ * Note a read of the active map as it starts (requests in flight together complete in any order);
+ * true when it continues the one before.
  */
-function noteRead(s: ImageState, guestOffset: number, bytes: number, sawCompressed: boolean): void {
-  const end = guestOffset + bytes;
+function noteSequential(s: ImageState, guestOffset: number, bytes: number): boolean {
   const state = sequential.get(s);
   const continues = state !== undefined && state.nextGuestOffset === guestOffset;
-  const aheadUntil = continues ? Math.max(state.aheadUntil, end) : end;
-  sequential.set(s, { nextGuestOffset: end, aheadUntil });
-  if (!continues || !sawCompressed || bytes > AHEAD_MAX_REQUEST_BYTES) return;
+  const end = guestOffset + bytes;
+  sequential.set(s, { nextGuestOffset: end, aheadUntil: continues ? Math.max(state.aheadUntil, end) : end });
+  return continues;
+}
+
+/**
+ * Decompress-ahead: after a read of the active map that continued the one before it, ending at
+ * `end`, no bigger than AHEAD_MAX_REQUEST_BYTES and meeting compressed clusters, the whole
+ * compressed clusters up to DECOMPRESS_AHEAD_BYTES past `end` are decompressed into the cache in the
+ * background (in batches, on every core) for the reads that follow.
+ */
+function decompressAheadOf(s: ImageState, end: number, bytes: number): void {
+  const state = sequential.get(s);
+  if (state === undefined || bytes > AHEAD_MAX_REQUEST_BYTES) return;
+  const from = Math.max(state.aheadUntil, end);
   const to = Math.min(end + DECOMPRESS_AHEAD_BYTES, s.virtualSize);
   // Start when at least half the distance is missing, so each batch is big enough to spread.
-  if (to - aheadUntil < DECOMPRESS_AHEAD_BYTES / 2) return;
-  sequential.set(s, { nextGuestOffset: end, aheadUntil: to });
-  s.inBackground(decompressAhead(s, aheadUntil, to - aheadUntil).catch((err: unknown) => trace('decompress-ahead of %d+%d: %o', aheadUntil, to - aheadUntil, err)));
+  if (to - from < DECOMPRESS_AHEAD_BYTES / 2) return;
+  state.aheadUntil = to;
+  s.inBackground(decompressAhead(s, from, to - from).catch((err: unknown) => trace('decompress-ahead of %d+%d: %o', from, to - from, err)));
 }
 
 /** Load the whole compressed clusters of [guestOffset, +bytes) of the active map into the decompressed cache. */
