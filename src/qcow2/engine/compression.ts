@@ -63,7 +63,7 @@ export async function decompressClustersInto(type: CompressionType, src: Uint8Ar
 
 /**
  * LRU of decompressed clusters keyed by the compressed chunk's host offset, with the loads in
- * flight (a reader of a chunk being loaded, or decompressed ahead, joins that load). Every
+ * flight (a reader of a chunk being loaded joins that load). Every
  * invalidation bumps a generation: a load that started before it never enters the LRU, so a chunk
  * freed and its host offset reused while it was read is never served stale.
  */
@@ -88,18 +88,6 @@ export class DecompressedCache {
     const p = this.pending.get(hostOffset);
     if (p) return p;
     return this.track(hostOffset, load(), this.generation);
-  }
-
-  /**
-   * Load several chunks with one `load` (resolving their clusters in the order of `hostOffsets`):
-   * decompress-ahead. Readers of these chunks join the load; its failure is theirs only if they
-   * join it. Resolves when the load settles.
-   */
-  async prefetch(hostOffsets: number[], load: () => Promise<Buffer[]>): Promise<void> {
-    const generation = this.generation;
-    const all = load();
-    hostOffsets.forEach((hostOffset, i) => void this.track(hostOffset, all.then((clusters) => clusters[i]), generation).catch(() => undefined));
-    await all.then(() => undefined, () => undefined);
   }
 
   private track(hostOffset: number, load: Promise<Buffer>, generation: number): Promise<Buffer> {

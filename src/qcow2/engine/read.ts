@@ -2,41 +2,26 @@
  * The read path: map guest ranges under the metadata lock (several L2 slices per hold), then read
  * the mapped segments outside it, in parallel. Host ranges being read are marked in flight so no
  * cluster is freed and reused under the read (inflight.ts). Compressed clusters stored back to back
- * are read with one pread per run and decompressed straight into the caller's buffer, on every core;
- * small sequential reads of compressed clusters (a mount's) have the clusters after them
- * decompressed ahead into the cache.
+ * are read with one pread per run and decompressed straight into the caller's buffer, on every core.
  */
 import { CODEC_CORES, decompressClusterInto, decompressClustersInto } from './compression.js';
 import type { ClusterMap, ReadSegment } from './cluster-map.js';
 import type { InflightRange } from './inflight.js';
 import type { ImageState } from './state.js';
-import debugFactory from 'debug';
-
-const trace = debugFactory('qcow2fuse:qcow2:read');
 
 /** Longest host range read at once for a run of back-to-back compressed chunks. */
 const COMPRESSED_RUN_BYTES = 512 * 1024;
 /** Largest gap between two chunks still read together (read and thrown away). */
 const COMPRESSED_RUN_GAP_BYTES = 4096;
 
-/** Guest bytes decompressed ahead of a sequential reader of compressed clusters. */
-const DECOMPRESS_AHEAD_BYTES = 2 * 1024 * 1024;
-/** Largest request that starts decompress-ahead (FUSE's; convert reads bigger windows, many at once). */
-const AHEAD_MAX_REQUEST_BYTES = 1024 * 1024;
-
 type CompressedSegment = Extract<ReadSegment, { kind: 'compressed' }>;
-
-/** Per image: where the last read of the active map ended and how far clusters are decompressed ahead. */
-const sequential = new WeakMap<ImageState, { nextGuestOffset: number; aheadUntil: number }>();
 
 /**
  * Read guest bytes through `map` (active or a snapshot's) into `buf`. With `withPending`, data the
  * compressed writer still holds for these clusters is laid over what the mapping gives.
  */
 export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: number, buf: Buffer, withPending: boolean): Promise<void> {
-  const continues = map === s.activeMap && noteSequential(s, guestOffset, buf.length);
   let done = 0;
-  let sawCompressed = false;
   while (done < buf.length) {
     const segments: ReadSegment[] = [];
     const ranges: InflightRange[] = [];
@@ -50,7 +35,6 @@ export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: n
       if (withPending && map === s.activeMap) overlay = s.compressedWriter?.overlayFor(start, n);
       return n;
     });
-    sawCompressed ||= segments.some((seg) => seg.kind === 'compressed');
     try {
       await readSegments(s, segments, guestOffset, buf);
     } finally {
@@ -59,51 +43,6 @@ export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: n
     overlay?.(buf.subarray(done, done + covered));
     done += covered;
   }
-  if (continues && sawCompressed) decompressAheadOf(s, guestOffset + buf.length, buf.length);
-}
-
-/**
- * Note a read of the active map as it starts (requests in flight together complete in any order);
- * true when it continues the one before.
- */
-function noteSequential(s: ImageState, guestOffset: number, bytes: number): boolean {
-  const state = sequential.get(s);
-  const continues = state !== undefined && state.nextGuestOffset === guestOffset;
-  const end = guestOffset + bytes;
-  sequential.set(s, { nextGuestOffset: end, aheadUntil: continues ? Math.max(state.aheadUntil, end) : end });
-  return continues;
-}
-
-/**
- * Decompress-ahead: after a read of the active map that continued the one before it, ending at
- * `end`, no bigger than AHEAD_MAX_REQUEST_BYTES and meeting compressed clusters, the whole
- * compressed clusters up to DECOMPRESS_AHEAD_BYTES past `end` are decompressed into the cache in the
- * background (in batches, on every core) for the reads that follow.
- */
-function decompressAheadOf(s: ImageState, end: number, bytes: number): void {
-  const state = sequential.get(s);
-  if (state === undefined || bytes > AHEAD_MAX_REQUEST_BYTES) return;
-  const from = Math.max(state.aheadUntil, end);
-  const to = Math.min(end + DECOMPRESS_AHEAD_BYTES, s.virtualSize);
-  // Start when at least half the distance is missing, so each batch is big enough to spread.
-  if (to - from < DECOMPRESS_AHEAD_BYTES / 2) return;
-  state.aheadUntil = to;
-  s.inBackground(decompressAhead(s, from, to - from).catch((err: unknown) => trace('decompress-ahead of %d+%d: %o', from, to - from, err)));
-}
-
-/** Load the whole compressed clusters of [guestOffset, +bytes) of the active map into the decompressed cache. */
-async function decompressAhead(s: ImageState, guestOffset: number, bytes: number): Promise<void> {
-  const segments: ReadSegment[] = [];
-  await s.lock.run(async () => {
-    for (let n = 0; n < bytes;) n += await s.activeMap.mapForRead(guestOffset + n, bytes - n, segments);
-  });
-  const wanted = segments.filter((seg): seg is CompressedSegment => isWholeCompressed(s, seg) && !s.decompressed.has(seg.descriptor.hostOffset));
-  await Promise.all(compressedRuns(wanted).map((run) => s.decompressed.prefetch(run.map((seg) => seg.descriptor.hostOffset), async () => {
-    const first = run[0].guestOffset;
-    const clusters = Buffer.allocUnsafe(run[run.length - 1].guestOffset + s.geometry.clusterSize - first);
-    await readCompressedRun(s, run, first, clusters);
-    return run.map((seg) => clusters.subarray(seg.guestOffset - first, seg.guestOffset - first + seg.bytes));
-  })));
 }
 
 function isWholeCompressed(s: ImageState, seg: ReadSegment): seg is CompressedSegment {
