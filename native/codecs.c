@@ -2,6 +2,7 @@
  * QEMU-compatible qcow2 cluster codecs, on the threadpool:
  *   compress(type, src, maxOutBytes)   Promise<Buffer|null>
  *   decompress(type, src, dst)         Promise<void>, fills dst exactly or rejects EBADCOMPRESSED
+ *   decompressBatch(type, src, dst, spans)  Promise<Buffer|null>, several chunks in one job
  *
  * They replicate QEMU's block/qcow2-threads.c exactly (see each function) and are linked statically
  * with local symbols (binding.gyp), so Node's bundled zlib cannot interpose: a cluster compresses to
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
@@ -36,6 +38,7 @@ enum codec_status { CODEC_OK, CODEC_NO_FIT, CODEC_BAD_DATA, CODEC_NO_MEMORY };
  */
 static __thread z_stream *tls_deflate;
 static __thread z_stream *tls_inflate;
+static __thread struct libdeflate_decompressor *tls_libdeflate;
 static __thread ZSTD_CCtx *tls_zstd_cctx;
 static __thread ZSTD_DCtx *tls_zstd_dctx;
 
@@ -72,11 +75,29 @@ static enum codec_status zlib_compress(const uint8_t *src, size_t src_bytes, uin
 }
 
 /*
+ * Fast path for zlib clusters: libdeflate decodes a whole raw-deflate chunk about twice as fast as
+ * inflate (64 KiB clusters of the convert-raw data set: 0.85 vs 1.86 s for 3411 clusters). Only an
+ * exact result is taken — a complete stream that yields precisely dst_bytes, which inflate decodes to
+ * the same bytes (both resolve matches against all the output so far); anything else (a longer
+ * stream cut at dst_bytes, a short one, bad data) is decided by zlib_decompress_qemu below, so every
+ * chunk QEMU accepts decodes to the same bytes, and what it refuses is refused.
+ */
+static bool libdeflate_decompress_exact(const uint8_t *src, size_t src_bytes, uint8_t *dst, size_t dst_bytes) {
+  if (tls_libdeflate == NULL) {
+    tls_libdeflate = libdeflate_alloc_decompressor();
+    if (tls_libdeflate == NULL) {
+      return false;
+    }
+  }
+  return libdeflate_deflate_decompress(tls_libdeflate, src, src_bytes, dst, dst_bytes, NULL) == LIBDEFLATE_SUCCESS;
+}
+
+/*
  * QEMU qcow2_zlib_decompress: inflateInit2(-12), one inflate(Z_FINISH). Success when dst is full and
  * the result is Z_STREAM_END or Z_BUF_ERROR (the compressed length is only known to the sector, so
  * trailing input is normal).
  */
-static enum codec_status zlib_decompress(const uint8_t *src, size_t src_bytes, uint8_t *dst, size_t dst_bytes) {
+static enum codec_status zlib_decompress_qemu(const uint8_t *src, size_t src_bytes, uint8_t *dst, size_t dst_bytes) {
   if (tls_inflate == NULL) {
     z_stream *strm = calloc(1, sizeof *strm);
     if (strm == NULL) {
@@ -100,6 +121,14 @@ static enum codec_status zlib_decompress(const uint8_t *src, size_t src_bytes, u
     return CODEC_OK;
   }
   return ret == Z_MEM_ERROR ? CODEC_NO_MEMORY : CODEC_BAD_DATA;
+}
+
+/* A zlib cluster: libdeflate when it gives exactly the cluster, else QEMU's inflate. */
+static enum codec_status zlib_decompress(const uint8_t *src, size_t src_bytes, uint8_t *dst, size_t dst_bytes) {
+  if (libdeflate_decompress_exact(src, src_bytes, dst, dst_bytes)) {
+    return CODEC_OK;
+  }
+  return zlib_decompress_qemu(src, src_bytes, dst, dst_bytes);
 }
 
 /*
@@ -288,6 +317,121 @@ static napi_value js_compress(napi_env env, napi_callback_info info) {
   return job_queue(env, &job->job, "qcow2fuse.compress");
 }
 
+/* ----------------------------------------------------- batched decompression */
+
+/* One chunk of a batch: src[src_offset, +src_bytes) decompresses into exactly dst[dst_offset, +dst_bytes). */
+typedef struct {
+  uint32_t src_offset, src_bytes, dst_offset, dst_bytes;
+} batch_span_t;
+
+typedef struct {
+  job_t job;
+  enum codec codec;
+  const uint8_t *src; /* job.refs[0] */
+  uint8_t *dst;       /* job.refs[1] */
+  size_t count;
+  batch_span_t *spans;     /* malloc'd copy of the caller's spans */
+  uint8_t *statuses;       /* malloc'd, one enum codec_status per chunk */
+  bool failed;             /* some chunk is not CODEC_OK */
+  bool no_memory;
+} batch_job_t;
+
+/* Decompress every chunk of the batch one after another on this pool thread (its reused contexts). */
+static void batch_execute(job_t *base) {
+  batch_job_t *job = (batch_job_t *)base;
+  for (size_t i = 0; i < job->count; i++) {
+    const batch_span_t *sp = &job->spans[i];
+    const uint8_t *src = job->src + sp->src_offset;
+    uint8_t *dst = job->dst + sp->dst_offset;
+    enum codec_status status = job->codec == CODEC_ZLIB ? zlib_decompress(src, sp->src_bytes, dst, sp->dst_bytes)
+                                                        : zstd_decompress(src, sp->src_bytes, dst, sp->dst_bytes);
+    job->statuses[i] = (uint8_t)status;
+    job->failed |= status != CODEC_OK;
+    job->no_memory |= status == CODEC_NO_MEMORY;
+  }
+}
+
+/* Resolves null when every chunk decoded, else a Buffer of per-chunk results (0 ok, 2 bad data). */
+static napi_value batch_settle(napi_env env, job_t *base, bool *reject) {
+  batch_job_t *job = (batch_job_t *)base;
+  napi_value value = NULL;
+  if (job->no_memory) {
+    *reject = true;
+    return make_errno_error(env, ENOMEM, "decompressBatch");
+  }
+  *reject = false;
+  if (!job->failed) {
+    return napi_get_null(env, &value) == napi_ok ? value : NULL;
+  }
+  void *copy;
+  return napi_create_buffer_copy(env, job->count, job->statuses, &copy, &value) == napi_ok ? value : NULL;
+}
+
+static void batch_release(job_t *base) {
+  batch_job_t *job = (batch_job_t *)base;
+  free(job->spans);
+  free(job->statuses);
+}
+
+/* Copy the spans (4 uint32 per chunk) after checking each lies inside its buffer. */
+static bool copy_batch_spans(napi_env env, const uint32_t *flat, size_t count, size_t src_bytes, size_t dst_bytes,
+                             batch_job_t *job) {
+  job->spans = malloc(count * sizeof *job->spans);
+  job->statuses = calloc(count, 1);
+  if (job->spans == NULL || job->statuses == NULL) {
+    throw_errno(env, ENOMEM, "malloc");
+    return false;
+  }
+  for (size_t i = 0; i < count; i++) {
+    batch_span_t sp = {flat[4 * i], flat[4 * i + 1], flat[4 * i + 2], flat[4 * i + 3]};
+    if ((uint64_t)sp.src_offset + sp.src_bytes > src_bytes || (uint64_t)sp.dst_offset + sp.dst_bytes > dst_bytes) {
+      napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "decompressBatch: a span lies outside its buffer");
+      return false;
+    }
+    job->spans[i] = sp;
+  }
+  job->count = count;
+  return true;
+}
+
+/*
+ * decompressBatch(type, src, dst, spans: Uint32Array) -> Promise<Buffer | null>: one threadpool job
+ * for several chunks (spans = [srcOffset, srcBytes, dstOffset, dstBytes] per chunk), so a run of
+ * small clusters costs one job rather than one each.
+ */
+static napi_value js_decompress_batch(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  enum codec codec;
+  uint8_t *src, *dst;
+  size_t src_bytes, dst_bytes, span_bytes;
+  uint8_t *flat;
+  if (!get_args(env, info, 4, argv) || !parse_codec(env, argv[0], &codec) ||
+      !get_bytes(env, argv[1], "src", &src, &src_bytes) || !get_bytes(env, argv[2], "dst", &dst, &dst_bytes) ||
+      !get_bytes(env, argv[3], "spans", &flat, &span_bytes)) {
+    return NULL;
+  }
+  if (span_bytes % 16 != 0 || ((uintptr_t)flat & 3) != 0) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "decompressBatch: spans must be a Uint32Array of 4 per chunk");
+    return NULL;
+  }
+  batch_job_t *job = (batch_job_t *)job_new(env, sizeof *job, batch_execute, batch_settle, batch_release);
+  if (job == NULL) {
+    return NULL;
+  }
+  job->codec = codec;
+  job->src = src;
+  job->dst = dst;
+  if (!copy_batch_spans(env, (const uint32_t *)flat, span_bytes / 16, src_bytes, dst_bytes, job)) {
+    batch_release(&job->job);
+    free(job);
+    return NULL;
+  }
+  if (!job_hold(env, &job->job, 0, argv[1]) || !job_hold(env, &job->job, 1, argv[2])) {
+    return NULL;
+  }
+  return job_queue(env, &job->job, "qcow2fuse.decompressBatch");
+}
+
 /* decompress(type, src, dst) -> Promise<void>; dst is filled completely or the promise rejects. */
 static napi_value js_decompress(napi_env env, napi_callback_info info) {
   napi_value argv[3];
@@ -321,6 +465,7 @@ bool register_codecs(napi_env env, napi_value exports) {
   napi_property_descriptor functions[] = {
       {"compress", NULL, js_compress, NULL, NULL, NULL, napi_enumerable, NULL},
       {"decompress", NULL, js_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"decompressBatch", NULL, js_decompress_batch, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   return define_functions(env, exports, functions, sizeof functions / sizeof functions[0]);
 }

@@ -26,7 +26,7 @@ PACKAGES=(
   libfuse2 fuse3 libfuse3-dev
   qemu-utils qemu-system-common
   e2fsprogs fio util-linux jq kmod
-  zlib1g-dev libzstd-dev pkg-config
+  zlib1g-dev libzstd-dev libdeflate-dev pkg-config
   build-essential python3
 )
 

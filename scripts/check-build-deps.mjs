@@ -3,7 +3,7 @@
 // builds native/: says which Debian packages are missing, by name, instead of a compiler error
 // three screens into node-gyp's output. Checks a C compiler and make (build-essential), python3
 // (node-gyp), pkg-config, and the libraries native/ links: libfuse3 (libfuse3-dev), libzstd
-// (libzstd-dev), zlib (zlib1g-dev). libfuse2, which the fuse-native transport loads at run time,
+// (libzstd-dev), zlib (zlib1g-dev), libdeflate (libdeflate-dev). libfuse2, which the fuse-native transport loads at run time,
 // is only warned about.
 //
 // Exit status 0 when everything is there, 1 (with one message listing every missing package and
@@ -28,6 +28,7 @@ const checks = [
   ['libfuse3 headers (pkg-config fuse3)', 'libfuse3-dev', hasPkgConfig && succeeds('pkg-config', ['--exists', 'fuse3'])],
   ['libzstd headers and static library (pkg-config libzstd)', 'libzstd-dev', hasPkgConfig && succeeds('pkg-config', ['--exists', 'libzstd'])],
   ['zlib headers and static library (pkg-config zlib)', 'zlib1g-dev', hasPkgConfig && succeeds('pkg-config', ['--exists', 'zlib'])],
+  ['libdeflate headers and static library (pkg-config libdeflate)', 'libdeflate-dev', hasPkgConfig && succeeds('pkg-config', ['--exists', 'libdeflate'])],
 ];
 
 const missing = checks.filter(([, , present]) => !present);

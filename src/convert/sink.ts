@@ -3,7 +3,7 @@
  * -c through its compressed writer, the same gathering, packing and O_DIRECT path a compressed mount
  * uses — a raw file or block device, or stdout (a stream: every byte, in order).
  */
-import { writeFile } from 'node:fs/promises';
+import { open, writeFile } from 'node:fs/promises';
 import { statSync } from 'node:fs';
 import type { Writable } from 'node:stream';
 import { openNodeHostFile } from '../io/node-host-file.js';
@@ -159,6 +159,21 @@ class Qcow2Sink implements ConvertSink {
   }
 }
 
+/**
+ * Empty the regular file at `path` through a handle of its own. ext4 (auto_da_alloc) marks a file
+ * truncated to size 0 and, when the handle that truncated it is closed, allocates and starts
+ * writeback of everything written meanwhile, in close(): had the copy's handle truncated, its close
+ * would spend ~0.5 s flushing an 835 MiB restore (qemu-img truncates at create, on another handle).
+ */
+async function emptyFile(path: string): Promise<void> {
+  const handle = await open(path, 'r+');
+  try {
+    await handle.truncate(0);
+  } finally {
+    await handle.close();
+  }
+}
+
 /** A raw file (created sparse, only non-zero data written) or a block device. */
 class RawSink implements ConvertSink {
   readonly ordered = false;
@@ -175,7 +190,7 @@ class RawSink implements ConvertSink {
     const regular = stats.isFile();
     try {
       if (o.create && regular) {
-        await file.truncate(0);
+        await emptyFile(path);
         if (o.virtualSize !== undefined) await file.truncate(o.virtualSize);
       } else if (o.virtualSize !== undefined && hostSizeBytes(path, stats) < o.virtualSize && !regular) {
         throw new ConvertError('EINVAL', `${path}: the target device is smaller than the source (${hostSizeBytes(path, stats)} < ${o.virtualSize} bytes)`, { path });

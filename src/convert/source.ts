@@ -61,6 +61,21 @@ export interface OpenSourceOptions {
   stdin?: Readable;
 }
 
+/**
+ * Largest single read of a window: a cold 835 MiB image read 8 requests of 2 MiB at a time in
+ * 540–610 ms, 7 of 8 MiB at a time in 700–760 ms (the host's read-ahead keeps more requests busy).
+ */
+const SOURCE_READ_BYTES = 2 * 1024 * 1024;
+
+/** Read all of `buf` from `guestOffset` as pieces of at most SOURCE_READ_BYTES, all at once. */
+async function readInPieces(guestOffset: number, buf: Buffer, read: (guestOffset: number, piece: Buffer) => Promise<void>): Promise<void> {
+  const pieces: Promise<void>[] = [];
+  for (let done = 0; done < buf.length; done += SOURCE_READ_BYTES) {
+    pieces.push(read(guestOffset + done, buf.subarray(done, Math.min(buf.length, done + SOURCE_READ_BYTES))));
+  }
+  await Promise.all(pieces);
+}
+
 /** Whether the first bytes of an image are the qcow2 magic (qemu-img's probe). */
 export function hasQcow2Magic(first: Uint8Array): boolean {
   return first.length >= 4 && Buffer.from(first.buffer, first.byteOffset, 4).readUInt32BE(0) === QCOW2_MAGIC;
@@ -133,7 +148,7 @@ class Qcow2Source implements ConvertSource {
   }
 
   async readInto(guestOffset: number, buf: Buffer): Promise<number> {
-    await this.read(guestOffset, buf);
+    await readInPieces(guestOffset, buf, this.read);
     return buf.length;
   }
 
@@ -170,6 +185,12 @@ class RawSource implements ConvertSource {
   }
 
   async readInto(guestOffset: number, buf: Buffer): Promise<number> {
+    await readInPieces(guestOffset, buf, (offset, piece) => this.readFully(offset, piece));
+    return buf.length;
+  }
+
+  /** Read all of `buf` (a short read means the source shrank: an error). */
+  private async readFully(guestOffset: number, buf: Buffer): Promise<void> {
     let done = 0;
     while (done < buf.length) {
       const n = await this.file.pread(buf.subarray(done), guestOffset + done);
@@ -179,7 +200,6 @@ class RawSource implements ConvertSource {
       }
       done += n;
     }
-    return done;
   }
 
   async close(): Promise<void> {

@@ -48,6 +48,7 @@ interface NativeAddon {
   dioAlignment(fd: number): DioAlignment;
   compress(type: CompressionType, src: ArrayBufferView, maxOutBytes: number): Promise<Buffer | null>;
   decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void>;
+  decompressBatch(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView, spans: Uint32Array): Promise<Buffer | null>;
   aioCreate(capacity: number, outSlots: Int32Array, outResults: Float64Array, onComplete: (count: number) => void): AioHandle;
   aioSubmit(handle: AioHandle, slot: number, write: boolean, fd: number, view: ArrayBufferView, offset: number): void;
   threadIoCreate(nbThreads: number, capacity: number, outSlots: Int32Array, outResults: Float64Array,
@@ -219,6 +220,16 @@ export function compress(type: CompressionType, src: ArrayBufferView, maxOutByte
  */
 export function decompress(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView): Promise<void> {
   return addon.decompress(type, src, dst);
+}
+
+/**
+ * Decompress several chunks in one threadpool job: chunk i is src[spans[4i], +spans[4i+1]) and fills
+ * exactly dst[spans[4i+2], +spans[4i+3]) (each as `decompress`). Resolves null when every chunk
+ * decoded, else a Buffer with one byte per chunk: 0 decoded, non-zero bad data (that part of dst is
+ * undefined). Rejects (ENOMEM) only when a codec context cannot be allocated.
+ */
+export function decompressBatch(type: CompressionType, src: ArrayBufferView, dst: ArrayBufferView, spans: Uint32Array): Promise<Buffer | null> {
+  return addon.decompressBatch(type, src, dst, spans);
 }
 
 /**

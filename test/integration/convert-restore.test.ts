@@ -3,6 +3,7 @@
  * a backing chain and with a snapshot gives the bytes `qemu-img convert -O raw` gives (and as sparse);
  * `convert -O qcow2` without -c of a compressed image decompresses it into a clean, identical image.
  */
+import { stat, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { convertCli, dataExtentBytes, writeSourceDisk } from './convert-harness.js';
 import { sha256File } from '../helpers/files.js';
@@ -57,5 +58,14 @@ describe.skipIf(!ready)('convert: restore (qcow2 → raw)', () => {
     await qemuIoOk(tmp.file('top.qcow2'), [`write -P 0x44 ${19 * MiB} 64k`, `write -c -P 0x55 ${6 * MiB} 64k`]);
     await expectSameRaw(tmp.file('top.qcow2'), tmp.path);
     await expectSameRaw(tmp.file('top.qcow2'), tmp.path, ['-l', 'snap']);
+  });
+
+  it('over an existing, larger raw file: its old bytes are gone and it takes the image\'s size', async () => {
+    const disk = await writeSourceDisk(tmp.file('disk.raw'));
+    const image = tmp.file('image.qcow2');
+    await qemuOk(['convert', '-f', 'raw', '-c', '-O', 'qcow2', disk.path, image]);
+    await writeFile(tmp.file('ours.raw'), Buffer.alloc(disk.sizeBytes + 3 * MiB, 0xff));
+    await expectSameRaw(image, tmp.path);
+    expect((await stat(tmp.file('ours.raw'))).size).toBe(disk.sizeBytes);
   });
 });

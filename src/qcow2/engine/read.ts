@@ -2,9 +2,9 @@
  * The read path: map guest ranges under the metadata lock (several L2 slices per hold), then read
  * the mapped segments outside it, in parallel. Host ranges being read are marked in flight so no
  * cluster is freed and reused under the read (inflight.ts). Compressed clusters stored back to back
- * are read with one pread per run and decompressed straight into the caller's buffer.
+ * are read with one pread per run and decompressed straight into the caller's buffer, on every core.
  */
-import { decompressClusterInto } from './compression.js';
+import { CODEC_CORES, decompressClusterInto, decompressClustersInto } from './compression.js';
 import type { ClusterMap, ReadSegment } from './cluster-map.js';
 import type { InflightRange } from './inflight.js';
 import type { ImageState } from './state.js';
@@ -45,54 +45,97 @@ export async function readIntoMap(s: ImageState, map: ClusterMap, guestOffset: n
   }
 }
 
+function isWholeCompressed(s: ImageState, seg: ReadSegment): seg is CompressedSegment {
+  return seg.kind === 'compressed' && seg.offsetInCluster === 0 && seg.bytes === s.geometry.clusterSize;
+}
+
 /**
- * Read mapped segments into `buf` (which starts at `guestOffset`), all in parallel. Whole compressed
- * clusters whose chunks lie back to back on the host (as `qemu-img convert -c` and our compressed
- * writer place them) are read with one pread per run of up to COMPRESSED_RUN_BYTES and decompressed
- * straight into `buf`; every other segment is read on its own.
+ * Whole compressed clusters (in guest order) grouped into runs whose chunks lie back to back on the
+ * host (as `qemu-img convert -c` and our compressed writer place them): gaps of at most
+ * COMPRESSED_RUN_GAP_BYTES, at most COMPRESSED_RUN_BYTES from the first chunk's start.
  */
-export async function readSegments(s: ImageState, segments: ReadSegment[], guestOffset: number, buf: Buffer): Promise<void> {
-  const out = (seg: ReadSegment): Buffer => buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes);
-  const jobs: Promise<void>[] = [];
+function compressedRuns(segments: CompressedSegment[]): CompressedSegment[][] {
+  const runs: CompressedSegment[][] = [];
   let run: CompressedSegment[] = [];
   let runEnd = 0;
-  const endRun = (): void => {
-    if (run.length === 1) jobs.push(readSegment(s, run[0], out(run[0])));
-    else if (run.length > 1) jobs.push(readCompressedRun(s, run, guestOffset, buf));
-    run = [];
-  };
   for (const seg of segments) {
-    if (seg.kind !== 'compressed' || seg.offsetInCluster !== 0 || seg.bytes !== s.geometry.clusterSize || s.decompressed.peek(seg.descriptor.hostOffset)) {
-      jobs.push(readSegment(s, seg, out(seg)));
-      continue;
-    }
     const { hostOffset, compressedBytes } = seg.descriptor;
     if (run.length > 0 && (hostOffset < run[0].descriptor.hostOffset || hostOffset > runEnd + COMPRESSED_RUN_GAP_BYTES
       || hostOffset + compressedBytes - run[0].descriptor.hostOffset > COMPRESSED_RUN_BYTES)) {
-      endRun();
+      runs.push(run);
+      run = [];
     }
     runEnd = run.length === 0 ? hostOffset + compressedBytes : Math.max(runEnd, hostOffset + compressedBytes);
     run.push(seg);
   }
-  endRun();
+  if (run.length > 0) runs.push(run);
+  return runs;
+}
+
+/**
+ * Read mapped segments into `buf` (which starts at `guestOffset`), all in parallel. Whole compressed
+ * clusters neither cached nor being loaded are read in runs (compressedRuns: one pread per run) and
+ * decompressed straight into `buf`; every other segment is read on its own (a cached or loading
+ * compressed cluster through the cache).
+ */
+export async function readSegments(s: ImageState, segments: ReadSegment[], guestOffset: number, buf: Buffer): Promise<void> {
+  const out = (seg: ReadSegment): Buffer => buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes);
+  const jobs: Promise<void>[] = [];
+  const direct: CompressedSegment[] = [];
+  for (const seg of segments) {
+    if (isWholeCompressed(s, seg) && !s.decompressed.has(seg.descriptor.hostOffset)) direct.push(seg);
+    else jobs.push(readSegment(s, seg, out(seg)));
+  }
+  for (const run of compressedRuns(direct)) {
+    jobs.push(run.length === 1 ? readSegment(s, run[0], out(run[0])) : readCompressedRun(s, run, guestOffset, buf));
+  }
   await Promise.all(jobs);
 }
 
 /**
- * One pread for the host range of several compressed chunks, then each decompressed into `buf`.
- * A compressed mount reads through its O_DIRECT handle, as for single chunks: read-back while
- * ingesting must not fill the host page cache with the image.
+ * One pread for the host range of several compressed chunks, then the chunks decompressed straight
+ * into `buf`, in up to CODEC_CORES codec jobs of consecutive chunks (a job per chunk cost more in
+ * job overhead than small clusters take to decode). A compressed mount reads through its O_DIRECT
+ * handle, as for single chunks: read-back while ingesting must not fill the host page cache.
  */
 async function readCompressedRun(s: ImageState, run: CompressedSegment[], guestOffset: number, buf: Buffer): Promise<void> {
   const start = run[0].descriptor.hostOffset;
   const end = Math.min(Math.max(...run.map((seg) => seg.descriptor.hostOffset + seg.descriptor.compressedBytes)), s.file.sizeBytes);
   const src = Buffer.allocUnsafe(Math.max(0, end - start));
   const n = await (s.directFile ?? s.file).pread(src, start, 'compressed');
-  await Promise.all(run.map((seg) => {
+  const perJob = Math.ceil(run.length / Math.min(run.length, CODEC_CORES));
+  const jobs: Promise<void>[] = [];
+  for (let first = 0; first < run.length; first += perJob) {
+    jobs.push(decompressBatch(s, run.slice(first, first + perJob), src.subarray(0, n), start, guestOffset, buf));
+  }
+  await Promise.all(jobs);
+}
+
+/** Decompress `batch` (chunks inside `src`, read from host offset `srcHostOffset`) into `buf` in one codec job. */
+async function decompressBatch(s: ImageState, batch: CompressedSegment[], src: Buffer, srcHostOffset: number, guestOffset: number, buf: Buffer): Promise<void> {
+  const spans = new Uint32Array(4 * batch.length);
+  batch.forEach((seg, i) => {
     const { hostOffset, compressedBytes } = seg.descriptor;
-    const chunk = src.subarray(Math.min(n, hostOffset - start), Math.min(n, hostOffset - start + compressedBytes));
-    return decompressChunk(s, chunk, hostOffset, compressedBytes, buf.subarray(seg.guestOffset - guestOffset, seg.guestOffset - guestOffset + seg.bytes));
-  }));
+    const srcStart = Math.min(src.length, hostOffset - srcHostOffset);
+    spans.set([srcStart, Math.min(src.length, srcStart + compressedBytes) - srcStart, seg.guestOffset - guestOffset, seg.bytes], 4 * i);
+  });
+  let bad: number[];
+  try {
+    bad = await decompressClustersInto(s.compressionType, src, buf, spans);
+  } catch (err) {
+    // No codec context (ENOMEM): reported as a single decompression reports it.
+    const { hostOffset, compressedBytes } = batch[0].descriptor;
+    return badChunk(s, hostOffset, compressedBytes, err);
+  }
+  if (bad.length === 0) return;
+  const { hostOffset, compressedBytes } = batch[bad[0]].descriptor;
+  badChunk(s, hostOffset, compressedBytes, new Error(`${s.compressionType}: invalid compressed data (cannot produce ${batch[bad[0]].bytes} bytes)`));
+}
+
+/** A chunk that does not decompress: (non-fatal) corruption, thrown. */
+function badChunk(s: ImageState, hostOffset: number, compressedBytes: number, err: unknown): never {
+  const message = err instanceof Error ? err.message : String(err);
+  s.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
 }
 
 async function readSegment(s: ImageState, seg: ReadSegment, out: Buffer): Promise<void> {
@@ -114,13 +157,12 @@ async function readSegment(s: ImageState, seg: ReadSegment, out: Buffer): Promis
       const { hostOffset, compressedBytes } = seg.descriptor;
       // A whole cluster decompresses straight into the caller's buffer (no cache entry, no copy:
       // bulk reads stream); a part goes through the cache, so reading a cluster piecewise
-      // decompresses it once.
-      const cached = s.decompressed.peek(hostOffset);
-      if (!cached && seg.offsetInCluster === 0 && seg.bytes === s.geometry.clusterSize) {
+      // decompresses it once, and so does a cluster cached or being decompressed ahead.
+      if (!s.decompressed.has(hostOffset) && isWholeCompressed(s, seg)) {
         await decompressInto(s, hostOffset, compressedBytes, out);
         return;
       }
-      const cluster = cached ?? await readCompressedCluster(s, hostOffset, compressedBytes);
+      const cluster = await readCompressedCluster(s, hostOffset, compressedBytes);
       cluster.copy(out, 0, seg.offsetInCluster, seg.offsetInCluster + seg.bytes);
       return;
     }
@@ -149,7 +191,6 @@ async function decompressChunk(s: ImageState, src: Buffer, hostOffset: number, c
   try {
     await decompressClusterInto(s.compressionType, src, out);
   } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
-    s.signalCorruption(false, `cannot decompress cluster at ${hostOffset} (${compressedBytes} bytes): ${message}`, { structure: 'compressed', hostOffset });
+    badChunk(s, hostOffset, compressedBytes, err);
   }
 }

@@ -9,7 +9,7 @@ import { deflateRawSync, inflateRawSync } from 'node:zlib';
 
 import { describe, expect, it } from 'vitest';
 
-import { compress, decompress, type CompressionType } from '../../../src/io/native.js';
+import { compress, decompress, decompressBatch, type CompressionType } from '../../../src/io/native.js';
 import { requireTool } from '../../helpers/tools.js';
 
 const CODECS: CompressionType[] = ['zlib', 'zstd'];
@@ -130,6 +130,52 @@ describe.each(CODECS)('%s', (type) => {
     expect(() => compress(type, 'text' as unknown as Buffer, 10)).toThrow(TypeError);
     expect(() => compress(type, Buffer.alloc(1), -1)).toThrow(RangeError);
     expect(() => decompress(type, Buffer.alloc(1), 5 as unknown as Buffer)).toThrow(TypeError);
+  });
+});
+
+describe.each(CODECS)('%s batches (decompressBatch: several chunks in one job)', (type) => {
+  /** Chunks packed back to back with sector padding (as qcow2 stores them) and their spans into a dst of clusters. */
+  async function packed(clusters: Buffer[]): Promise<{ src: Buffer; spans: Uint32Array }> {
+    const parts: Buffer[] = [];
+    const spans = new Uint32Array(4 * clusters.length);
+    let srcOffset = 0;
+    let dstOffset = 0;
+    for (const [i, cluster] of clusters.entries()) {
+      const chunk = (await compress(type, cluster, cluster.length - 1))!;
+      const padded = Buffer.concat([chunk, Buffer.alloc((512 - (chunk.length % 512)) % 512, 0xee)]);
+      spans.set([srcOffset, padded.length, dstOffset, cluster.length], 4 * i);
+      parts.push(padded);
+      srcOffset += padded.length;
+      dstOffset += cluster.length;
+    }
+    return { src: Buffer.concat(parts), spans };
+  }
+
+  it('decodes every chunk of a run into its place in dst', async () => {
+    const clusters = [0, 1, 2, 3, 4].map((i) => compressible(i === 2 ? 4096 : 65536, 40 + i));
+    const { src, spans } = await packed(clusters);
+    const dst = Buffer.alloc(clusters.reduce((n, c) => n + c.length, 0), 0x55);
+    expect(await decompressBatch(type, src, dst, spans)).toBeNull();
+    expect(dst.equals(Buffer.concat(clusters))).toBe(true);
+  });
+
+  it('reports which chunks are bad data and still decodes the others', async () => {
+    const clusters = [0, 1, 2].map((i) => compressible(65536, 50 + i));
+    const { src, spans } = await packed(clusters);
+    src.fill(0xa5, spans[4], spans[4] + spans[5]); // chunk 1 is garbage
+    const dst = Buffer.alloc(3 * 65536);
+    const statuses = await decompressBatch(type, src, dst, spans);
+    expect(statuses && [...statuses].map((s) => s !== 0)).toEqual([false, true, false]);
+    expect(dst.subarray(0, 65536).equals(clusters[0])).toBe(true);
+    expect(dst.subarray(131072).equals(clusters[2])).toBe(true);
+  });
+
+  it('refuses spans outside their buffers and malformed span arrays', () => {
+    const src = Buffer.alloc(1024);
+    const dst = Buffer.alloc(4096);
+    expect(() => decompressBatch(type, src, dst, Uint32Array.from([0, 1025, 0, 4096]))).toThrow(RangeError);
+    expect(() => decompressBatch(type, src, dst, Uint32Array.from([0, 1024, 1, 4096]))).toThrow(RangeError);
+    expect(() => decompressBatch(type, src, dst, Uint32Array.from([0, 1024, 0]))).toThrow(TypeError);
   });
 });
 
