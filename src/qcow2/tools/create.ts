@@ -129,9 +129,7 @@ export async function createImage(path: string, options: CreateOptions): Promise
       await data.close();
     }
   }
-  // Sized without its backing file: growing over a longer backing file zeroes the new area (as a
-  // resize must), which would hide the backing file from a new overlay.
-  const image = await Qcow2Image.open(path, { readOnly: false, file, openHostFile: opener, noBacking: true });
+  const image = await Qcow2Image.open(path, { readOnly: false, file, openHostFile: opener });
   try {
     await image.resize(virtualSize);
     if (options.preallocation !== undefined && options.preallocation !== 'off') await preallocate(image, options.preallocation);
