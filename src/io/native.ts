@@ -134,6 +134,22 @@ function findPackageRoot(startDir: string): string {
   }
 }
 
+/** Every export of the addon (the Record makes the compiler keep it complete), checked at load. */
+const ADDON_EXPORTS: Record<keyof NativeAddon, true> = {
+  alignedBuffer: true, bufferAddressAlignment: true, fallocate: true, fadvise: true, ofdSetLock: true, ofdGetLock: true,
+  dioAlignment: true, compress: true, decompress: true, decompressBatch: true, aioCreate: true, aioSubmit: true,
+  threadIoCreate: true, threadIoSubmit: true, preadNowait: true, sessionMount: true, sessionClose: true,
+  sessionNotifyInval: true, sessionWriteBack: true, replyErr: true, replyNone: true, replyAttr: true, replyEntry: true,
+  replyOpen: true, replyData: true, replyWrite: true, replyLseek: true, replyStatfs: true, replyDirents: true,
+  FUSE_OP: true, FALLOC: true, FADVISE: true,
+};
+
+/** The exports this build needs that `loaded` (an addon's exports) lacks: non-empty for a stale build. */
+export function missingAddonExports(loaded: object): string[] {
+  return Object.keys(ADDON_EXPORTS).filter((name) => !(name in loaded));
+}
+
+/** Load the addon built in native/build; a missing or out-of-date build is a clear error. */
 function loadAddon(): NativeAddon {
   const root = findPackageRoot(dirname(fileURLToPath(import.meta.url)));
   const candidates = ['Release', 'Debug'].map((kind) => join(root, 'native', 'build', kind, ADDON_FILE));
@@ -143,7 +159,13 @@ function loadAddon(): NativeAddon {
       'run `npm run install` (node-gyp rebuild --directory native)');
   }
   const require = createRequire(import.meta.url);
-  return require(found) as NativeAddon;
+  const loaded = require(found) as object;
+  const missing = missingAddonExports(loaded);
+  if (missing.length > 0) {
+    throw new Error(`qcow2fuse: the native addon at ${found} is older than this build (it lacks ${missing.join(', ')}); ` +
+      'run `npm run install` (node-gyp rebuild --directory native)');
+  }
+  return loaded as NativeAddon;
 }
 
 const addon: NativeAddon = loadAddon();
