@@ -300,43 +300,23 @@ static napi_value js_aio_create(napi_env env, napi_callback_info info) {
  * `view` at `offset`; it goes to the kernel before the loop next blocks. The slot must be free.
  */
 static napi_value js_aio_submit(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  aio_state_t *s;
-  int slot, fd;
-  bool write;
-  uint8_t *data;
-  size_t bytes;
-  int64_t offset;
-  if (!get_args(env, info, 6, argv)) {
+  io_submit_args_t a;
+  if (!get_io_submit_args(env, info, "an AIO", &a)) {
     return NULL;
   }
-  if (napi_get_value_external(env, argv[0], (void **)&s) != napi_ok || s == NULL) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "not an AIO handle");
-    return NULL;
-  }
-  if (!get_small_int(env, argv[1], "slot", &slot)) {
-    return NULL;
-  }
-  if (napi_get_value_bool(env, argv[2], &write) != napi_ok) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "write must be a boolean");
-    return NULL;
-  }
-  if (!get_fd(env, argv[3], &fd) || !get_bytes(env, argv[4], "view", &data, &bytes) ||
-      !get_safe_uint(env, argv[5], "offset", &offset)) {
-    return NULL;
-  }
-  if ((uint32_t)slot >= s->capacity || s->nb_pending >= s->capacity) {
+  aio_state_t *s = a.handle;
+  if ((uint32_t)a.slot >= s->capacity || s->nb_pending >= s->capacity) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "slot out of range");
     return NULL;
   }
-  struct iocb *cb = &s->iocbs[slot];
+  struct iocb *cb = &s->iocbs[a.slot];
   memset(cb, 0, sizeof *cb);
-  cb->aio_data = (uint64_t)slot;
-  cb->aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
-  cb->aio_fildes = (uint32_t)fd;
-  cb->aio_buf = (uint64_t)(uintptr_t)data;
-  cb->aio_nbytes = bytes;
-  cb->aio_offset = offset;
+  cb->aio_data = (uint64_t)a.slot;
+  cb->aio_lio_opcode = a.write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+  cb->aio_fildes = (uint32_t)a.fd;
+  cb->aio_buf = (uint64_t)(uintptr_t)a.data;
+  cb->aio_nbytes = a.bytes;
+  cb->aio_offset = a.offset;
   cb->aio_flags = IOCB_FLAG_RESFD;
   cb->aio_resfd = (uint32_t)s->event_fd;
   s->pending[s->nb_pending++] = cb;

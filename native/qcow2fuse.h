@@ -49,6 +49,22 @@ bool get_bytes(napi_env env, napi_value value, const char *name, uint8_t **data,
 bool get_typed_array(napi_env env, napi_value value, napi_typedarray_type want, size_t min_length, const char *name,
                      void **data);
 bool set_int_property(napi_env env, napi_value object, const char *name, int32_t value);
+
+/* The arguments of an I/O engine's submit call (aioSubmit, threadIoSubmit). */
+typedef struct {
+  void *handle;
+  int slot;
+  bool write;
+  int fd;
+  uint8_t *data;
+  size_t bytes;
+  int64_t offset;
+} io_submit_args_t;
+/*
+ * Parse (handle, slot, write, fd, view, offset) of a submit call; `handle_kind` names the engine in
+ * the TypeError for a wrong handle. false with an exception pending on a bad argument.
+ */
+bool get_io_submit_args(napi_env env, napi_callback_info info, const char *handle_kind, io_submit_args_t *out);
 /* Define `count` functions on `exports`; false with an exception pending on failure. */
 bool define_functions(napi_env env, napi_value exports, const napi_property_descriptor *functions, size_t count);
 

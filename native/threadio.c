@@ -319,43 +319,23 @@ static napi_value js_thread_io_create(napi_env env, napi_callback_info info) {
  * `view` at `offset`; a pool thread runs it. The slot must be free.
  */
 static napi_value js_thread_io_submit(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  tio_state_t *s;
-  int slot, fd;
-  bool write;
-  uint8_t *data;
-  size_t bytes;
-  int64_t offset;
-  if (!get_args(env, info, 6, argv)) {
+  io_submit_args_t a;
+  if (!get_io_submit_args(env, info, "a thread pool", &a)) {
     return NULL;
   }
-  if (napi_get_value_external(env, argv[0], (void **)&s) != napi_ok || s == NULL) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "not a thread pool handle");
-    return NULL;
-  }
-  if (!get_small_int(env, argv[1], "slot", &slot)) {
-    return NULL;
-  }
-  if (napi_get_value_bool(env, argv[2], &write) != napi_ok) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "write must be a boolean");
-    return NULL;
-  }
-  if (!get_fd(env, argv[3], &fd) || !get_bytes(env, argv[4], "view", &data, &bytes) ||
-      !get_safe_uint(env, argv[5], "offset", &offset)) {
-    return NULL;
-  }
-  if ((uint32_t)slot >= s->capacity || s->nb_in_flight >= s->capacity) {
+  tio_state_t *s = a.handle;
+  if ((uint32_t)a.slot >= s->capacity || s->nb_in_flight >= s->capacity) {
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "slot out of range");
     return NULL;
   }
-  tio_request_t *r = &s->requests[slot];
-  r->write = write;
-  r->fd = fd;
-  r->data = data;
-  r->bytes = bytes;
-  r->offset = offset;
+  tio_request_t *r = &s->requests[a.slot];
+  r->write = a.write;
+  r->fd = a.fd;
+  r->data = a.data;
+  r->bytes = a.bytes;
+  r->offset = a.offset;
   pthread_mutex_lock(&s->lock);
-  s->queue[(s->queue_head + s->nb_queued) % s->capacity] = (uint32_t)slot;
+  s->queue[(s->queue_head + s->nb_queued) % s->capacity] = (uint32_t)a.slot;
   s->nb_queued++;
   if (s->nb_idle_threads > 0) {
     pthread_cond_signal(&s->work_ready);

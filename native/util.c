@@ -130,6 +130,28 @@ bool get_small_int(napi_env env, napi_value value, const char *name, int *out) {
   return true;
 }
 
+bool get_io_submit_args(napi_env env, napi_callback_info info, const char *handle_kind, io_submit_args_t *out) {
+  napi_value argv[6];
+  if (!get_args(env, info, 6, argv)) {
+    return false;
+  }
+  if (napi_get_value_external(env, argv[0], &out->handle) != napi_ok || out->handle == NULL) {
+    char message[96];
+    snprintf(message, sizeof message, "not %s handle", handle_kind);
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);
+    return false;
+  }
+  if (!get_small_int(env, argv[1], "slot", &out->slot)) {
+    return false;
+  }
+  if (napi_get_value_bool(env, argv[2], &out->write) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "write must be a boolean");
+    return false;
+  }
+  return get_fd(env, argv[3], &out->fd) && get_bytes(env, argv[4], "view", &out->data, &out->bytes) &&
+         get_safe_uint(env, argv[5], "offset", &out->offset);
+}
+
 /* Short ASCII string argument (lock type, codec name) into buf. */
 bool get_short_string(napi_env env, napi_value value, const char *name, char *buf, size_t size) {
   size_t copied;
