@@ -53,10 +53,7 @@ struct aio_state {
   struct io_event *events;
   int32_t *out_slots;
   double *out_results;
-  napi_ref out_slots_ref;
-  napi_ref out_results_ref;
-  napi_ref callback_ref;
-  napi_async_context async_ctx;
+  completion_sink_t sink;
   napi_async_cleanup_hook_handle cleanup_hook;
 };
 
@@ -67,27 +64,6 @@ static void aio_update_ref(aio_state_t *s) {
   } else {
     uv_unref((uv_handle_t *)&s->poll);
   }
-}
-
-/* Announce `count` completions (already in out_slots/out_results) to JS. */
-static void aio_deliver(aio_state_t *s, uint32_t count) {
-  napi_env env = s->env;
-  napi_handle_scope scope;
-  if (napi_open_handle_scope(env, &scope) != napi_ok) {
-    return;
-  }
-  napi_value callback, recv, argv[1], result;
-  if (napi_get_reference_value(env, s->callback_ref, &callback) == napi_ok && callback != NULL &&
-      napi_get_global(env, &recv) == napi_ok && napi_create_uint32(env, count, &argv[0]) == napi_ok) {
-    napi_status status = napi_make_callback(env, s->async_ctx, recv, callback, 1, argv, &result);
-    if (status == napi_pending_exception) {
-      napi_value error;
-      if (napi_get_and_clear_last_exception(env, &error) == napi_ok) {
-        napi_fatal_exception(env, error);
-      }
-    }
-  }
-  napi_close_handle_scope(env, scope);
 }
 
 /*
@@ -138,7 +114,7 @@ static void aio_on_prepare(uv_prepare_t *handle) {
   }
   aio_update_ref(s);
   if (nb_failed > 0) {
-    aio_deliver(s, nb_failed);
+    completion_sink_deliver(s->env, &s->sink, nb_failed);
   }
 }
 
@@ -162,7 +138,7 @@ static void aio_on_event(uv_poll_t *handle, int status, int events) {
     }
     s->nb_in_kernel -= (uint32_t)n;
     aio_update_ref(s);
-    aio_deliver(s, (uint32_t)n);
+    completion_sink_deliver(s->env, &s->sink, (uint32_t)n);
     if ((uint32_t)n < s->capacity) {
       break;
     }
@@ -194,10 +170,7 @@ static void aio_handle_closed(uv_handle_t *handle) {
     return;
   }
   napi_env env = s->env;
-  napi_delete_reference(env, s->callback_ref);
-  napi_delete_reference(env, s->out_slots_ref);
-  napi_delete_reference(env, s->out_results_ref);
-  napi_async_destroy(env, s->async_ctx);
+  completion_sink_release(env, &s->sink);
   napi_async_cleanup_hook_handle hook = s->cleanup_hook;
   aio_free(s);
   napi_remove_async_cleanup_hook(hook);
@@ -272,7 +245,7 @@ static napi_value js_aio_create(napi_env env, napi_callback_info info) {
     return NULL;
   }
   uv_loop_t *loop;
-  napi_value name, external;
+  napi_value external;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &s->poll, s->event_fd) != 0) {
     aio_free(s);
     throw_napi_failure(env, "cannot watch the AIO eventfd");
@@ -285,11 +258,10 @@ static napi_value js_aio_create(napi_env env, napi_callback_info info) {
   uv_unref((uv_handle_t *)&s->prepare);
   uv_poll_start(&s->poll, UV_READABLE, aio_on_event);
   uv_unref((uv_handle_t *)&s->poll);
-  NAPI_CALL(env, napi_create_reference(env, argv[1], 1, &s->out_slots_ref));
-  NAPI_CALL(env, napi_create_reference(env, argv[2], 1, &s->out_results_ref));
-  NAPI_CALL(env, napi_create_reference(env, argv[3], 1, &s->callback_ref));
-  NAPI_CALL(env, napi_create_string_utf8(env, "qcow2fuse:aio", NAPI_AUTO_LENGTH, &name));
-  NAPI_CALL(env, napi_async_init(env, NULL, name, &s->async_ctx));
+  if (!completion_sink_init(env, &s->sink, argv[1], argv[2], argv[3], "qcow2fuse:aio")) {
+    throw_napi_failure(env, "cannot hold the completion callback");
+    return NULL;
+  }
   NAPI_CALL(env, napi_add_async_cleanup_hook(env, aio_cleanup, s, &s->cleanup_hook));
   NAPI_CALL(env, napi_create_external(env, s, NULL, NULL, &external));
   return external;

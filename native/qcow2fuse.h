@@ -65,6 +65,24 @@ typedef struct {
  * the TypeError for a wrong handle. false with an exception pending on a bad argument.
  */
 bool get_io_submit_args(napi_env env, napi_callback_info info, const char *handle_kind, io_submit_args_t *out);
+
+/*
+ * How an I/O engine (aio.c, threadio.c) hands completions to JS: it writes (slot, result) pairs into
+ * the JS-provided outSlots/outResults arrays, then completion_sink_deliver(count) calls
+ * onComplete(count) in the sink's async context; an exception thrown there is fatal, as from any
+ * callback. The sink holds references to the two arrays (their memory stays valid) and the callback.
+ */
+typedef struct {
+  napi_ref out_slots_ref;
+  napi_ref out_results_ref;
+  napi_ref callback_ref;
+  napi_async_context async_ctx;
+} completion_sink_t;
+/* false with an exception pending on failure. */
+bool completion_sink_init(napi_env env, completion_sink_t *sink, napi_value out_slots, napi_value out_results,
+                          napi_value callback, const char *name);
+void completion_sink_deliver(napi_env env, completion_sink_t *sink, uint32_t count);
+void completion_sink_release(napi_env env, completion_sink_t *sink);
 /* Define `count` functions on `exports`; false with an exception pending on failure. */
 bool define_functions(napi_env env, napi_value exports, const napi_property_descriptor *functions, size_t count);
 

@@ -61,10 +61,7 @@ struct tio_state {
   uv_poll_t poll;
   int32_t *out_slots;
   double *out_results;
-  napi_ref out_slots_ref;
-  napi_ref out_results_ref;
-  napi_ref callback_ref;
-  napi_async_context async_ctx;
+  completion_sink_t sink;
   napi_async_cleanup_hook_handle cleanup_hook;
 };
 
@@ -108,27 +105,6 @@ static void *tio_thread(void *arg) {
   return NULL;
 }
 
-/* Announce `count` completions (already in out_slots/out_results) to JS. */
-static void tio_deliver(tio_state_t *s, uint32_t count) {
-  napi_env env = s->env;
-  napi_handle_scope scope;
-  if (napi_open_handle_scope(env, &scope) != napi_ok) {
-    return;
-  }
-  napi_value callback, recv, argv[1], result;
-  if (napi_get_reference_value(env, s->callback_ref, &callback) == napi_ok && callback != NULL &&
-      napi_get_global(env, &recv) == napi_ok && napi_create_uint32(env, count, &argv[0]) == napi_ok) {
-    napi_status status = napi_make_callback(env, s->async_ctx, recv, callback, 1, argv, &result);
-    if (status == napi_pending_exception) {
-      napi_value error;
-      if (napi_get_and_clear_last_exception(env, &error) == napi_ok) {
-        napi_fatal_exception(env, error);
-      }
-    }
-  }
-  napi_close_handle_scope(env, scope);
-}
-
 /* Keep the event loop alive exactly while requests are in flight. */
 static void tio_update_ref(tio_state_t *s) {
   if (s->nb_in_flight > 0) {
@@ -158,7 +134,7 @@ static void tio_on_event(uv_poll_t *handle, int status, int events) {
   }
   s->nb_in_flight -= count;
   tio_update_ref(s);
-  tio_deliver(s, count);
+  completion_sink_deliver(s->env, &s->sink, count);
 }
 
 /* Stop and join the threads (each finishes what was queued), then free everything. */
@@ -187,10 +163,7 @@ static void tio_free(tio_state_t *s) {
 static void tio_handle_closed(uv_handle_t *handle) {
   tio_state_t *s = handle->data;
   napi_env env = s->env;
-  napi_delete_reference(env, s->callback_ref);
-  napi_delete_reference(env, s->out_slots_ref);
-  napi_delete_reference(env, s->out_results_ref);
-  napi_async_destroy(env, s->async_ctx);
+  completion_sink_release(env, &s->sink);
   napi_async_cleanup_hook_handle hook = s->cleanup_hook;
   tio_free(s);
   napi_remove_async_cleanup_hook(hook);
@@ -300,15 +273,14 @@ static napi_value js_thread_io_create(napi_env env, napi_callback_info info) {
     throw_errno(env, err, "pthread_create");
     return NULL;
   }
-  napi_value name, external;
+  napi_value external;
   s->poll.data = s;
   uv_poll_start(&s->poll, UV_READABLE, tio_on_event);
   uv_unref((uv_handle_t *)&s->poll);
-  NAPI_CALL(env, napi_create_reference(env, argv[2], 1, &s->out_slots_ref));
-  NAPI_CALL(env, napi_create_reference(env, argv[3], 1, &s->out_results_ref));
-  NAPI_CALL(env, napi_create_reference(env, argv[4], 1, &s->callback_ref));
-  NAPI_CALL(env, napi_create_string_utf8(env, "qcow2fuse:threadio", NAPI_AUTO_LENGTH, &name));
-  NAPI_CALL(env, napi_async_init(env, NULL, name, &s->async_ctx));
+  if (!completion_sink_init(env, &s->sink, argv[2], argv[3], argv[4], "qcow2fuse:threadio")) {
+    throw_napi_failure(env, "cannot hold the completion callback");
+    return NULL;
+  }
   NAPI_CALL(env, napi_add_async_cleanup_hook(env, tio_cleanup, s, &s->cleanup_hook));
   NAPI_CALL(env, napi_create_external(env, s, NULL, NULL, &external));
   return external;

@@ -152,6 +152,42 @@ bool get_io_submit_args(napi_env env, napi_callback_info info, const char *handl
          get_safe_uint(env, argv[5], "offset", &out->offset);
 }
 
+bool completion_sink_init(napi_env env, completion_sink_t *sink, napi_value out_slots, napi_value out_results,
+                          napi_value callback, const char *name) {
+  napi_value resource_name;
+  return napi_create_reference(env, out_slots, 1, &sink->out_slots_ref) == napi_ok &&
+         napi_create_reference(env, out_results, 1, &sink->out_results_ref) == napi_ok &&
+         napi_create_reference(env, callback, 1, &sink->callback_ref) == napi_ok &&
+         napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name) == napi_ok &&
+         napi_async_init(env, NULL, resource_name, &sink->async_ctx) == napi_ok;
+}
+
+void completion_sink_deliver(napi_env env, completion_sink_t *sink, uint32_t count) {
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) {
+    return;
+  }
+  napi_value callback, recv, argv[1], result;
+  if (napi_get_reference_value(env, sink->callback_ref, &callback) == napi_ok && callback != NULL &&
+      napi_get_global(env, &recv) == napi_ok && napi_create_uint32(env, count, &argv[0]) == napi_ok) {
+    napi_status status = napi_make_callback(env, sink->async_ctx, recv, callback, 1, argv, &result);
+    if (status == napi_pending_exception) {
+      napi_value error;
+      if (napi_get_and_clear_last_exception(env, &error) == napi_ok) {
+        napi_fatal_exception(env, error);
+      }
+    }
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+void completion_sink_release(napi_env env, completion_sink_t *sink) {
+  napi_delete_reference(env, sink->callback_ref);
+  napi_delete_reference(env, sink->out_slots_ref);
+  napi_delete_reference(env, sink->out_results_ref);
+  napi_async_destroy(env, sink->async_ctx);
+}
+
 /* Short ASCII string argument (lock type, codec name) into buf. */
 bool get_short_string(napi_env env, napi_value value, const char *name, char *buf, size_t size) {
   size_t copied;

@@ -237,44 +237,39 @@ describe.skipIf(!ready)('mounting qcow2 images', () => {
     }
   });
 
+  /**
+   * fio with --verify=crc32c on disk.raw of a new image of `imageSize` mounted with `options`, two
+   * jobs on separate regions; then the image must check clean and equal what fio left in disk.raw.
+   */
+  async function fioVerifyThroughMount(imageSize: string, options: string[], fioArgs: string[]): Promise<void> {
+    const f = await fixture();
+    try {
+      const image = join(f.dir, 'fio.qcow2');
+      await qemuImgCreate(image, imageSize);
+      await mount(f, image, options);
+      await ok('fio', ['--name=verify', `--filename=${join(f.mnt, 'disk.raw')}`, ...fioArgs, '--numjobs=2', '--verify=crc32c',
+        '--verify_fatal=1', '--do_verify=1', '--verify_state_save=0', '--group_reporting']);
+      const copy = join(f.dir, 'content.raw');
+      await ok('cp', [join(f.mnt, 'disk.raw'), copy]);
+      await unmount(f);
+      await expectCleanAndEqual(image, copy);
+    } finally {
+      await cleanup(f);
+    }
+  }
+
   // Buffered I/O: with the writeback cache (default on a plain mount) fio's writes sit in the kernel's
   // page cache and reach the daemon coalesced; the image must end up with what fio verified.
   it.each([[[] as string[]], [['no_writeback_cache']], [['compress', 'writeback_cache']]])(
     'fio --verify=crc32c randrw through the page cache, 2 jobs, bs 4k-128k, fsync every 16 writes, mount -o %j; the image checks clean and equal', async (options) => {
-    const f = await fixture();
-    try {
-      const image = join(f.dir, 'fio-buffered.qcow2');
-      await qemuImgCreate(image, '32M');
-      await mount(f, image, options);
-      await ok('fio', ['--name=verify', `--filename=${join(f.mnt, 'disk.raw')}`, '--rw=randrw', '--bsrange=4k-128k', '--ioengine=psync',
-        '--direct=0', '--numjobs=2', '--size=16M', '--offset_increment=16M', '--fsync=16', '--verify=crc32c', '--verify_fatal=1',
-        '--do_verify=1', '--verify_state_save=0', '--group_reporting']);
-      const copy = join(f.dir, 'content.raw');
-      await ok('cp', [join(f.mnt, 'disk.raw'), copy]);
-      await unmount(f);
-      await expectCleanAndEqual(image, copy);
-    } finally {
-      await cleanup(f);
-    }
+    await fioVerifyThroughMount('32M', options, ['--rw=randrw', '--bsrange=4k-128k', '--ioengine=psync', '--direct=0',
+      '--size=16M', '--offset_increment=16M', '--fsync=16']);
   });
 
   it.each(['cache=writeback', 'cache=none'])(
     'fio randrw bs 4k-256k, iodepth 32, O_DIRECT, 2 jobs on separate regions, -o %s: no verify error; the image checks clean', async (option) => {
-    const f = await fixture();
-    try {
-      const image = join(f.dir, 'fio256.qcow2');
-      await qemuImgCreate(image, '64M');
-      await mount(f, image, [option]);
-      await ok('fio', ['--name=verify', `--filename=${join(f.mnt, 'disk.raw')}`, '--rw=randrw', '--bsrange=4k-256k', '--ioengine=libaio',
-        '--iodepth=32', '--direct=1', '--numjobs=2', '--size=32M', '--offset_increment=32M', '--verify=crc32c', '--verify_fatal=1',
-        '--do_verify=1', '--verify_state_save=0', '--group_reporting']);
-      const copy = join(f.dir, 'content.raw');
-      await ok('cp', [join(f.mnt, 'disk.raw'), copy]);
-      await unmount(f);
-      await expectCleanAndEqual(image, copy);
-    } finally {
-      await cleanup(f);
-    }
+    await fioVerifyThroughMount('64M', [option], ['--rw=randrw', '--bsrange=4k-256k', '--ioengine=libaio', '--iodepth=32', '--direct=1',
+      '--size=32M', '--offset_increment=32M']);
   });
 
   it('info.json and map.json are what qcow2fuse info/map print; du on disk.raw is the allocated size', async () => {
