@@ -13,7 +13,8 @@
 import { ConvertError, sideError } from './errors.js';
 import type { ConvertSink } from './sink.js';
 import type { ConvertSource } from './source.js';
-import { classifyWindow, zeroBlock } from './zero-runs.js';
+import { classifyWindow } from './zero-runs.js';
+import { zeroBlock } from '../qcow2/engine/zeros.js';
 
 /** Guest bytes per window; windows of sized sources start at multiples of it (a multiple of every cluster size). */
 export const WINDOW_BYTES = 8 * 1024 * 1024;

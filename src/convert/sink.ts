@@ -13,7 +13,7 @@ import { createImage, openImage, type CreateOptions } from '../node.js';
 import type { CompressedWriterOptions } from '../qcow2/engine/compressed-writer.js';
 import { ConvertError } from './errors.js';
 import { hostSizeBytes } from './host-source.js';
-import { zeroBlock } from './zero-runs.js';
+import { zeroBlock } from '../qcow2/engine/zeros.js';
 import type { ImageFormat } from './source.js';
 
 export interface ConvertSink {

@@ -10,6 +10,7 @@
  * Zero and skip runs shorter than `minSparseBytes` between data are written as data, as qemu-img's
  * min_sparse asks; `minSparseBytes` 0 (-S 0) disables zero detection (everything is data).
  */
+import { isZeroRange } from '../qcow2/engine/zeros.js';
 
 export type RunKind = 'data' | 'zero' | 'skip';
 
@@ -31,22 +32,10 @@ export interface ClassifyOptions {
   backing?: Buffer;
 }
 
-let zeros = Buffer.alloc(0);
-
-/** A shared all-zero buffer of `bytes` (never written to). */
-export function zeroBlock(bytes: number): Buffer {
-  if (zeros.length < bytes) zeros = Buffer.alloc(Math.max(bytes, 2 * zeros.length));
-  return zeros.subarray(0, bytes);
-}
-
-function isZero(data: Buffer, start: number, end: number): boolean {
-  return zeroBlock(end - start).compare(data, start, end) === 0;
-}
-
 function classifyGranule(data: Buffer, start: number, end: number, o: ClassifyOptions): RunKind {
   if (o.backing && o.backing.compare(data, start, end, start, end) === 0) return 'skip';
-  if (o.minSparseBytes === 0 || !isZero(data, start, end)) return 'data';
-  if (o.backing) return isZero(o.backing, start, end) ? 'skip' : 'zero';
+  if (o.minSparseBytes === 0 || !isZeroRange(data, start, end)) return 'data';
+  if (o.backing) return isZeroRange(o.backing, start, end) ? 'skip' : 'zero';
   return o.zeroInitialized ? 'skip' : 'zero';
 }
 

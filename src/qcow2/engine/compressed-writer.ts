@@ -29,6 +29,7 @@ import { compressCluster, type CompressionType } from './compression.js';
 import type { Geometry } from '../format/geometry.js';
 import { compressedClusterRange, decodeCompressed, makeCompressedEntry, type RawL2Entry } from '../format/l2-entry.js';
 import { allocAligned, DEFAULT_ALIGNMENT_BYTES } from '../../io/aligned-buffer.js';
+import { zeroBlock } from './zeros.js';
 
 const trace = debugFactory('qcow2fuse:compress');
 
@@ -135,13 +136,6 @@ interface InflightOp {
   plain: Buffer;
   /** A read overlay references `plain`: it is not reused for another cluster. */
   shared?: boolean;
-}
-
-const ZERO_CACHE = new Map<number, Buffer>();
-function zeroBuffer(bytes: number): Buffer {
-  let z = ZERO_CACHE.get(bytes);
-  if (!z) { z = Buffer.alloc(bytes); ZERO_CACHE.set(bytes, z); }
-  return z;
 }
 
 export class CompressedWriter {
@@ -318,7 +312,7 @@ export class CompressedWriter {
 
   private async process(op: InflightOp): Promise<void> {
     const cs = this.g.clusterSize;
-    if (op.plain.equals(zeroBuffer(cs))) {
+    if (op.plain.equals(zeroBlock(cs))) {
       await this.host.zeroCluster(op.clusterIndex);
       this.completed(op);
       return;

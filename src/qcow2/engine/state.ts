@@ -64,7 +64,6 @@ export class ImageState {
   /** Uncompressed writes leave out zero clusters that already read as zero (Qcow2OpenOptions.detectZeroes). */
   readonly detectZeroes: boolean;
   readonly aioMode: AioMode | undefined;
-  private zeroClusterBuf: Buffer | undefined;
   /** The host filesystem refused fallocate(ZERO_RANGE): preallocation is skipped from then on. */
   preallocUnsupported = false;
   /** Host ranges freed but not yet punched (see onClustersFreed). */
@@ -170,12 +169,6 @@ export class ImageState {
   /** The external data file holds the guest disk as a raw image (data_file_raw). */
   get dataFileRaw(): boolean {
     return this.hasDataFile && hasBit(this.header.autoclearFeatures, AUTOCLEAR_DATA_FILE_RAW);
-  }
-
-  /** A cluster of zeros to compare guest data with (made on first use, never written to). */
-  zeroCluster(): Buffer {
-    this.zeroClusterBuf ??= Buffer.alloc(this.geometry.clusterSize);
-    return this.zeroClusterBuf;
   }
 
   /** Refuse writes from now on (fatal corruption). */

@@ -14,6 +14,7 @@ import { allocIoBuffer, type ImageState } from './state.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY } from '../format/constants.js';
 import { hasBit, withBit } from '../format/header.js';
 import { isCompressed, l2HostOffset, type RawL2Entry } from '../format/l2-entry.js';
+import { isZeroRange } from './zeros.js';
 
 const trace = debugFactory('qcow2fuse:qcow2');
 
@@ -63,11 +64,9 @@ function zeroClustersIn(s: ImageState, guestOffset: number, data: Uint8Array): n
   const endFull = g.clusterIndex(guestOffset + data.length);
   const found: number[] = [];
   if (endFull <= firstFull) return found;
-  const zero = s.zeroCluster();
-  const src = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
   for (let c = firstFull; c < endFull; c++) {
     const start = c * g.clusterSize - guestOffset;
-    if (src.compare(zero, 0, g.clusterSize, start, start + g.clusterSize) === 0) found.push(c);
+    if (isZeroRange(data, start, start + g.clusterSize)) found.push(c);
   }
   return found;
 }
